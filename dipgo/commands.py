@@ -1,0 +1,91 @@
+"""The bodies of the ``dipgo`` subcommands (argument parsing lives in :mod:`dipgo.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from dipgo.search.compose import ConfigError
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from dipgo.search.compose import compose_config, to_yaml
+
+    cfg, choices = compose_config(args.overrides)
+    if args.cfg:
+        print(to_yaml(cfg), end="")
+        return 0
+    from dipgo.search.run import run_search
+
+    result = run_search(cfg, quiet=args.quiet)
+    print("\n".join(["", f"dipgo search: {result.run_dir}", *result.summary]))
+    return 0
+
+
+def _load_run(run_dir: str | Path) -> tuple[Any, Any, Path]:
+    """(config, plan, run_dir) of a finished run; one-sentence errors otherwise."""
+    from omegaconf import OmegaConf
+
+    from dipgo.postprocess.plan import Plan
+    from dipgo.search.compose import compose_config
+
+    path = Path(run_dir)
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"{path} is not a dipgo run directory (no config.yaml in it)")
+    if not (path / "plan.json").is_file():
+        raise ConfigError(f"{path} has no plan.json: the search did not finish (resume it with `dipgo search resume={path}`)")
+    base, _ = compose_config()
+    cfg = OmegaConf.merge(base, OmegaConf.load(path / "config.yaml"))
+    return cfg, Plan.load(path / "plan.json"), path
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dipgo.postprocess.plan import write_json_atomic
+    from dipgo.search.tasks import get_task
+
+    cfg, plan, run_dir = _load_run(args.run_dir)
+    task = get_task(plan.kind)
+    result = task.bench(cfg, plan, runs=args.runs, warmup=args.warmup, batch=args.batch, threads=args.threads)
+    out = Path(args.out) if args.out else run_dir / "bench.json"
+    write_json_atomic(out, result)
+    for line in task.bench_lines(result):
+        print(line)
+    print(f"written: {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dipgo.report.summary import aggregate_runs, single_run_lines
+
+    path = Path(args.path)
+    if not path.exists():
+        raise FileNotFoundError(2, "not found", str(path))
+    if (path / "report.json").is_file():
+        for line in single_run_lines(path):
+            print(line)
+        return 0
+    table, outputs = aggregate_runs(path, Path(args.out) if args.out else path)
+    print(table)
+    for name, out in outputs.items():
+        print(f"{name}: {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dipgo.search.tasks import get_task
+
+    cfg, plan, _ = _load_run(args.run_dir)
+    out = Path(args.out)
+    if out.exists():
+        raise ConfigError(f"--out {out} already exists; export never overwrites a folder")
+    path = get_task(plan.kind).export(cfg, plan, out)
+    print(f"exported {plan.kind} SubNet to {path}")
+    return 0
+
+
+def print_json(data: dict[str, Any]) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    sys.stdout.write("\n")

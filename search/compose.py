@@ -1,0 +1,145 @@
+"""Compose a run config from ``configs/`` + command-line overrides, with one-sentence errors.
+
+Hydra's own messages are multi-line and mention search paths; a user who typed
+``serch.target=0.3`` wants to hear which key is unknown and which keys exist. Everything here
+runs before a run directory is created, so a refused config never touches the disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from importlib import resources
+
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dipgo.search.config import Config, register_configs
+
+CONFIG_MODULE = "dipgo.configs"
+GROUPS: tuple[str, ...] = ("model", "supernet", "search", "data", "trainer", "logger", "report", "recipe")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be composed or validated; the message is one sentence for the user."""
+
+
+def list_options(group: str) -> list[str]:
+    """Names of the YAML options of a config group (``recipe`` -> ``["digits_unet_reuse", ...]``)."""
+    root = resources.files(CONFIG_MODULE) / group
+    if not root.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def compose_config(overrides: Sequence[str] = ()) -> tuple[DictConfig, dict[str, str]]:
+    """Compose ``config.yaml`` with ``overrides``; return the config and the chosen group options.
+
+    Raises :class:`ConfigError` with one sentence on any composition or type error.
+    """
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(explain_hydra_error(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra")}
+    with _open(cfg):
+        del cfg["hydra"]
+    validate_config(cfg)
+    return cfg, choices
+
+
+def _open(cfg: DictConfig):
+    from omegaconf import open_dict
+
+    return open_dict(cfg)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Checks no type can express (ranges, enumerations); one sentence per problem."""
+    target = cfg.search.target
+    if not 0.0 < target <= 1.0:
+        raise ConfigError(
+            f"search.target must be in (0, 1] (the fraction of MACs to keep, 0.25 = 4x fewer); got {target}"
+        )
+    _one_of("supernet.kind", cfg.supernet.kind, ("reuse", "block", "mask"))
+    _one_of("supernet.granularity", cfg.supernet.granularity, ("block", "layer"))
+    _one_of("supernet.mode", cfg.supernet.mode, ("auto", "output", "residual"))
+    _one_of("supernet.scheduler", cfg.supernet.scheduler, ("ddim", "dpmsolver++", "euler"))
+    _one_of("data.kind", cfg.data.kind, ("diffusion", "images", "text"))
+    _one_of("logger.wandb_mode", cfg.logger.wandb_mode, ("auto", "offline", "online", "disabled"))
+    _one_of("search.cost.mode", cfg.search.cost.mode, ("two_sided", "hinge"))
+    _one_of("search.cost.controller", cfg.search.cost.controller, ("dual", "fixed"))
+    for key, value, low in (
+        ("supernet.num_steps", cfg.supernet.num_steps, 2),
+        ("trainer.max_steps", cfg.trainer.max_steps, 1),
+        ("data.batch_size", cfg.data.batch_size, 1),
+        ("data.pool_size", cfg.data.pool_size, 1),
+        ("data.steps_per_epoch", cfg.data.steps_per_epoch, 1),
+        ("report.num_samples", cfg.report.num_samples, 1),
+        ("report.latency_runs", cfg.report.latency_runs, 1),
+    ):
+        if value < low:
+            raise ConfigError(f"{key} must be at least {low}; got {value}")
+
+
+def _one_of(key: str, value: str, accepted: Sequence[str]) -> None:
+    if value not in accepted:
+        raise ConfigError(f"{key}={value!r} is not supported; accepted: {', '.join(accepted)}")
+
+
+def explain_hydra_error(exc: BaseException) -> str:
+    """Turn a Hydra/OmegaConf exception into one sentence naming the key and what is accepted."""
+    msg = str(exc)
+    missing = re.search(r"Could not find '([^/']+)/([^']+)'", msg)
+    if isinstance(exc, MissingConfigException) and missing:
+        group, name = missing.groups()
+        options = ", ".join(list_options(group)) or "none"
+        return f"unknown {group} {name!r}; available {group} options: {options}"
+    unknown = re.search(r"Could not override '([^']+)'", msg)
+    if unknown:
+        key = unknown.group(1)
+        return f"unknown config key {key!r}; {_accepted_keys(key)}"
+    if isinstance(exc, OverrideParseException):
+        bad = re.search(r"Error parsing override '([^']*)'", msg)
+        what = bad.group(1) if bad else msg.splitlines()[0]
+        return f"cannot parse override {what!r}; write key=value (e.g. search.target=0.3) or group=option (e.g. recipe=digits_unet_reuse)"
+    merging = re.search(r"Error merging override (\S+)", msg)
+    cause = exc.__cause__ or exc.__context__
+    if merging and cause is not None:
+        key, _, value = merging.group(1).partition("=")
+        return f"{key}={value!r} is invalid: {_first_line(str(cause))}"
+    return _first_line(msg)
+
+
+def _first_line(msg: str) -> str:
+    return msg.strip().splitlines()[0] if msg.strip() else "invalid config"
+
+
+def _accepted_keys(dotted: str) -> str:
+    """List the keys accepted at the parent of ``dotted`` in the schema."""
+    node: object = Config
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            break
+        default = fields[part].default_factory  # type: ignore[misc]
+        node = default() if callable(default) else None
+    if not dataclasses.is_dataclass(node):
+        return "see `dipgo search --help` for the config groups"
+    where = ".".join(parts[:-1]) or "the top level"
+    names = ", ".join(f.name for f in dataclasses.fields(node))
+    return f"keys accepted under {where}: {names}"
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,148 @@
+"""Typed schemas for every config group, registered with Hydra's ConfigStore.
+
+The YAML files in ``configs/`` are merged onto these dataclasses, so a typo'd key or a value of
+the wrong type is refused at composition time (before any run directory exists) instead of
+silently becoming a new key. Each field's comment says what it does; ``dipgo search --help``
+lists the groups and their options.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+SCHEMA_NAME = "dipgo_schema"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "digits_unet"  # reference name (digits_unet, digits_dit, ...), local folder, or hub id
+    subfolder: Optional[str] = None  # e.g. "unet" for a diffusers pipeline folder
+    dtype: str = "float32"  # float32 | float16 | bfloat16 (the search itself runs in float32 on CPU)
+
+
+@dataclass
+class SupernetConfig:
+    kind: str = "reuse"  # gate kind: reuse (timestep feature reuse) | block | mask
+    granularity: str = "block"  # block | layer (finer: each resnet/attention or attn/MLP)
+    mode: str = "auto"  # reuse mode: auto | output | residual
+    num_steps: int = 50  # sampling steps the plan is searched for
+    scheduler: str = "ddim"  # ddim | dpmsolver++ | euler
+    guidance_scale: float = 1.0  # classifier-free guidance (1 = off)
+    checkpointing: bool = False  # gradient checkpointing per sampling step (less memory, ~30% slower)
+    truncate_steps: Optional[int] = None  # truncated backprop through the unrolled trajectory
+
+
+@dataclass
+class PrunerSchema:
+    d_model: int = 64  # width of the slot queries and the encoder
+    num_layers: int = 2  # transformer encoder layers across slots
+    num_heads: int = 4
+    dropout: float = 0.0
+    init_keep_logit: float = 3.0  # initial bias towards "compute everything"
+    tau_start: float = 1.0  # Gumbel-softmax temperature at step 0
+    tau_end: float = 0.1  # ... and at the last step
+    tau_schedule: str = "cosine"  # cosine | linear | exp
+    budget_conditioned: bool = False  # one pruner for a range of budgets
+    hard: bool = True  # straight-through hard gates in the forward pass
+
+
+@dataclass
+class DistortionSchema:
+    mse: float = 1.0  # MSE of the final sample / logits / embedding against the original model
+    ssim: float = 0.0  # weight of 1 - SSIM (images)
+    eps: float = 0.0  # per-step noise-prediction MSE (diffusion)
+    kl: float = 0.0  # KL on logits (classifiers)
+    cosine: float = 0.0  # 1 - cosine of embeddings (encoders)
+    feature_mse: float = 0.0
+    temperature: float = 1.0  # KL temperature
+    data_range: float = 2.0  # image value range for SSIM ([-1, 1] -> 2)
+
+
+@dataclass
+class CostSchema:
+    weight: float = 1.0  # initial weight of the cost penalty
+    mode: str = "two_sided"  # two_sided (land on the target) | hinge (only stay under it)
+    controller: str = "dual"  # dual (Lagrange-style multiplier) | fixed
+    lr_lambda: float = 0.05  # step size of the multiplier
+    lambda_max: float = 100.0
+
+
+@dataclass
+class SearchConfig:
+    target: float = 0.25  # fraction of MACs to keep, in (0, 1]; 0.25 asks for a 4x MACs reduction
+    lr: float = 0.01  # pruner learning rate (Adam)
+    weight_decay: float = 0.0
+    pruner: PrunerSchema = field(default_factory=PrunerSchema)
+    distortion: DistortionSchema = field(default_factory=DistortionSchema)
+    cost: CostSchema = field(default_factory=CostSchema)
+
+
+@dataclass
+class DataConfig:
+    kind: str = "diffusion"  # diffusion (noise + conditioning) | images | text
+    batch_size: int = 8  # calibration batch per optimisation step
+    pool_size: int = 64  # calibration pool (noises / images / sentences); outputs of the original model are cached per item
+    steps_per_epoch: int = 25  # optimisation steps per Lightning epoch (bookkeeping only: batches depend on the global step)
+    num_classes: Optional[int] = None  # class-conditional denoisers: labels drawn from [0, num_classes); None = read from the model
+    num_workers: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200  # optimisation steps of the pruner
+    accelerator: str = "cpu"  # cpu | gpu | auto
+    devices: Any = 1
+    strategy: str = "auto"  # auto | ddp | ddp_spawn ...
+    num_nodes: int = 1
+    precision: str = "32-true"
+    log_every_n_steps: int = 5
+    gradient_clip_val: Optional[float] = 1.0
+    enable_progress_bar: bool = True
+    checkpoint_every_n_steps: int = 25  # pruner checkpoints (for resume=) every this many steps
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True  # log to Weights & Biases (offline unless configured)
+    wandb_mode: str = "auto"  # auto (offline unless WANDB_MODE/WANDB_API_KEY say online) | offline | online | disabled
+    project: str = "dipgo"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # runs of one sweep share a group
+    tags: list[str] = field(default_factory=list)
+    csv: bool = True  # CSV metrics next to the run (always on by default)
+
+
+@dataclass
+class ReportConfig:
+    num_samples: int = 100  # evaluation samples (same noise for full model, plan and baselines)
+    eval_seed: int = 1234  # evaluation noise seed, distinct from the calibration pool
+    latency_runs: int = 3  # timed runs per variant (median reported)
+    latency_warmup: int = 1
+    latency_batch: int = 16
+    baselines: list[str] = field(default_factory=lambda: ["fewer_steps"])
+    plots: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    runs_root: str = "runs"  # run directories go to <runs_root>/<recipe>/<timestamp>/
+    run_dir: Optional[str] = None  # explicit run directory (must not exist yet)
+    resume: Optional[str] = None  # a run directory to continue from its last checkpoint
+    recipe_name: str = "custom"  # set by the recipe; names the run folder
+    model: ModelConfig = field(default_factory=ModelConfig)
+    supernet: SupernetConfig = field(default_factory=SupernetConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so ``configs/config.yaml`` can put it first in its defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name=SCHEMA_NAME, node=Config)

@@ -1,0 +1,64 @@
+"""Every YAML in configs/ composes against the typed schema; typos and bad values are refused."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import pytest
+from omegaconf import OmegaConf
+
+from dipgo.search.compose import GROUPS, ConfigError, compose_config, list_options
+
+
+def _all_group_options() -> list[tuple[str, str]]:
+    return [(g, o) for g in GROUPS for o in list_options(g)]
+
+
+def test_every_yaml_is_reachable_from_a_group() -> None:
+    root = resources.files("dipgo.configs")
+    on_disk = {f"{d.name}/{f.name[:-5]}" for d in root.iterdir() if d.is_dir() for f in d.iterdir() if f.name.endswith(".yaml")}
+    listed = {f"{g}/{o}" for g, o in _all_group_options()}
+    assert on_disk == listed, f"YAML files outside the known groups: {on_disk - listed}"
+
+
+@pytest.mark.parametrize(("group", "option"), _all_group_options())
+def test_every_config_composes(group: str, option: str) -> None:
+    cfg, choices = compose_config([f"{group}={option}"])
+    assert choices[group] == option
+    # the schema is attached: the composed config is typed and refuses new keys
+    assert OmegaConf.is_struct(cfg) or OmegaConf.get_type(cfg) is not dict
+
+
+def test_recipe_sets_its_name_and_groups() -> None:
+    cfg, choices = compose_config(["recipe=digits_dit_reuse"])
+    assert cfg.recipe_name == "digits_dit_reuse"
+    assert cfg.model.name == "digits_dit"
+    assert choices["model"] == "digits_dit"
+
+
+def test_override_is_typed() -> None:
+    cfg, _ = compose_config(["search.target=0.3", "trainer.max_steps=7"])
+    assert cfg.search.target == pytest.approx(0.3)
+    assert cfg.trainer.max_steps == 7
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["recipe=nope"], "unknown recipe 'nope'; available recipe options: digits_dit_reuse"),
+        (["model=nope"], "unknown model 'nope'"),
+        (["search.tgt=0.3"], "unknown config key 'search.tgt'; keys accepted under search: target"),
+        (["search.target=abc"], "search.target='abc' is invalid"),
+        (["trainer.max_steps=1.5"], "trainer.max_steps='1.5' is invalid"),
+        (["search.target=0"], "search.target must be in (0, 1]"),
+        (["search.target=1.5"], "search.target must be in (0, 1]"),
+        (["supernet.scheduler=foo"], "supernet.scheduler='foo' is not supported; accepted: ddim"),
+        (["search.target"], "cannot parse override 'search.target'"),
+    ],
+)
+def test_bad_config_is_one_sentence(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        compose_config(overrides)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
