@@ -1,0 +1,300 @@
+"""The figures every report shares. Each function writes one PNG and returns its path.
+
+Figures are built as bare ``matplotlib.figure.Figure`` objects rendered by the Agg canvas, never
+through pyplot: no display is needed (servers, CI), the caller's global backend is left alone,
+and nothing is registered in pyplot's figure manager, so a report drawing hundreds of figures
+leaks none.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+from torchvision.utils import make_grid
+
+_DPI = 120
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _figure(rows: int = 1, cols: int = 1, figsize: tuple[float, float] = (6, 4)) -> tuple[Figure, np.ndarray]:
+    """A pyplot-free Agg figure and its ``(rows, cols)`` array of axes."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    fig.clear()
+    return path
+
+
+def _as_numpy(x: np.ndarray | Tensor) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x, dtype=float)
+
+
+def gate_heatmap(
+    compute: np.ndarray | Tensor,
+    blocks: list[str],
+    path: str | Path,
+    title: str = "Blocks computed (dark) vs reused (light) per step",
+) -> Path:
+    """Heatmap of a reuse plan: steps on y, blocks on x, ``compute (S, B)`` keep prob or 0/1.
+
+    White-to-blue with fixed limits [0, 1], so a hard plan reads as blue = computed, white =
+    reused, and soft probabilities sit in between. The right axis shows each step's kept fraction.
+    """
+    grid = _as_numpy(compute)
+    if grid.ndim != 2 or grid.shape[1] != len(blocks):
+        raise ValueError(f"compute must be (steps, {len(blocks)} blocks), got {grid.shape}")
+    steps, n_blocks = grid.shape
+    fig, axes = _figure(figsize=(min(2 + 0.35 * n_blocks, 16), min(1.5 + 0.25 * steps, 14)))
+    ax = axes[0, 0]
+    im = ax.imshow(grid, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+    ax.set_xticks(range(n_blocks), blocks, rotation=90, fontsize=7)
+    ax.set_yticks(range(0, steps, max(1, math.ceil(steps / 20))))
+    ax.set_xlabel("block")
+    ax.set_ylabel("step")
+    ax.set_title(title)
+    _annotate_kept_fraction(ax, grid.mean(axis=1))
+    fig.colorbar(im, ax=ax, label="P(compute)", pad=0.14, fraction=0.04)
+    return _save(fig, path)
+
+
+def _annotate_kept_fraction(ax: Axes, kept: np.ndarray) -> None:
+    """Per-step kept fraction as tick labels on a twin y axis (thinned past ~40 steps)."""
+    side = ax.twinx()
+    side.set_ylim(ax.get_ylim())
+    every = max(1, math.ceil(len(kept) / 40))
+    rows = range(0, len(kept), every)
+    side.set_yticks(list(rows), [f"{kept[r]:.0%}" for r in rows], fontsize=6)
+    side.set_ylabel("kept", fontsize=8)
+
+
+def to_uint8_grid(images: Tensor, nrow: int = 8, padding: int = 2) -> np.ndarray:
+    """Tile a batch ``(B, 1|3, H, W)`` in ``[-1, 1]`` into one ``(H', W', 3)`` uint8 image.
+
+    Always three channels (grey is repeated) so that imshow, PIL and ``wandb.Image`` take it as is.
+    Values outside [-1, 1] are clipped rather than rescaled: rescaling per batch would hide a
+    variant whose outputs drifted in brightness.
+    """
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images (B, 1|3, H, W), got {tuple(images.shape)}")
+    unit = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2).contiguous()
+    grid = make_grid(unit, nrow=nrow, padding=padding, pad_value=1.0)  # (3, H', W')
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def sample_grid(
+    images: dict[str, Tensor],
+    path: str | Path,
+    nrow: int = 8,
+    title: str | None = None,
+) -> Path:
+    """One labelled panel per variant ("full", "dipgo", "12-step DDIM", ...), side by side.
+
+    Pass the same noise to every variant so the panels are comparable image for image.
+    """
+    if not images:
+        raise ValueError("images is empty: pass {variant name: (B, C, H, W) tensor}")
+    grids = {name: to_uint8_grid(batch, nrow) for name, batch in images.items()}
+    fig, axes = _figure(1, len(grids), figsize=(3.2 * len(grids), 3.6))
+    for ax, (name, grid) in zip(axes[0], grids.items()):
+        ax.imshow(grid, interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def pareto_front(points: Sequence[dict]) -> list[bool]:
+    """``True`` for points no other point beats: maximise both ``speedup`` and ``fidelity``.
+
+    A point is dominated when another is at least as good on both axes and better on one; equal
+    points do not dominate each other, so duplicates on the front are all kept.
+    """
+    xy = [(float(p["speedup"]), float(p["fidelity"])) for p in points]
+    valid = [(x, y) for x, y in xy if not (math.isnan(x) or math.isnan(y))]
+
+    def on_front(xi: float, yi: float) -> bool:
+        if math.isnan(xi) or math.isnan(yi):
+            return False  # an unmeasured point is never optimal
+        return not any(x >= xi and y >= yi and (x > xi or y > yi) for x, y in valid)
+
+    return [on_front(x, y) for x, y in xy]
+
+
+def _finite_fidelity(values: list[float]) -> tuple[np.ndarray, float | None]:
+    """Replace ``inf`` (e.g. PSNR of the full model vs itself) by a level just above the finite
+    points, so it stays on the plot; returns that level (or None) to label it."""
+    y = np.asarray(values, dtype=float)
+    finite = y[np.isfinite(y)]
+    if np.isfinite(y).all():
+        return y, None
+    top = float(finite.max()) if finite.size else 1.0
+    span = float(finite.max() - finite.min()) if finite.size > 1 else 1.0
+    level = top + 0.1 * max(span, 1.0)
+    return np.where(np.isposinf(y), level, y), level
+
+
+def pareto_plot(
+    points: list[dict],
+    path: str | Path,
+    fidelity_label: str = "PSNR (dB)",
+    title: str = "Speed vs fidelity",
+) -> Path:
+    """Speedup (x) vs fidelity (y); one marker and colour per ``group``; Pareto front joined.
+
+    Each point is ``{"name", "speedup", "fidelity", "group"}``. A fidelity of ``inf`` (identical
+    to the reference) is drawn just above the others and labelled so.
+    """
+    if not points:
+        raise ValueError("points is empty")
+    x = np.asarray([float(p["speedup"]) for p in points])
+    y, inf_level = _finite_fidelity([float(p["fidelity"]) for p in points])
+    front = np.asarray(pareto_front(points))
+    fig, axes = _figure(figsize=(6, 4.5))
+    ax = axes[0, 0]
+    groups = list(dict.fromkeys(str(p["group"]) for p in points))
+    for gi, group in enumerate(groups):
+        idx = [i for i, p in enumerate(points) if str(p["group"]) == group]
+        ax.scatter(x[idx], y[idx], marker=_MARKERS[gi % len(_MARKERS)], color=f"C{gi}", label=group, zorder=3)
+    order = np.argsort(x[front])
+    ax.plot(x[front][order], y[front][order], "k--", lw=1, zorder=2, label="Pareto front")
+    ax.scatter(x[front], y[front], s=160, facecolors="none", edgecolors="k", zorder=4)
+    for i, p in enumerate(points):
+        ax.annotate(str(p["name"]), (x[i], y[i]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    if inf_level is not None:
+        ax.axhline(inf_level, color="grey", lw=0.5, ls=":")
+        ax.text(
+            ax.get_xlim()[1],
+            inf_level,
+            "identical to reference ",
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color="grey",
+        )
+    ax.axvline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("speedup (x, measured)")
+    ax.set_ylabel(fidelity_label)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _read_metrics(metrics_csv: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """Columns of a Lightning CSVLogger file as ``{key: [(step, value), ...]}``.
+
+    CSVLogger writes one row per logging call with empty cells for keys not logged then, and
+    ``step``/``epoch`` as bookkeeping columns; we keep only the non-empty numeric cells.
+    """
+    series: dict[str, list[tuple[float, float]]] = {}
+    with open(metrics_csv, newline="") as f:
+        for row_idx, row in enumerate(csv.DictReader(f)):
+            step = float(row["step"]) if row.get("step") else float(row_idx)
+            for key, cell in row.items():
+                if key in ("step", "epoch") or not cell:
+                    continue
+                try:
+                    series.setdefault(key, []).append((step, float(cell)))
+                except ValueError:
+                    continue
+    return series
+
+
+def _default_groups(keys: list[str]) -> list[list[str]]:
+    """One subplot per key, except that a ``...target...`` key joins the panel of its
+    ``...cost...`` partner, so expected cost and its target are read against each other."""
+    groups: list[list[str]] = []
+    placed: set[str] = set()
+    for key in keys:
+        if key in placed:
+            continue
+        partner = key.replace("cost", "target")
+        group = [key] + ([partner] if partner != key and partner in keys else [])
+        placed.update(group)
+        groups.append(group)
+    return groups
+
+
+def loss_curves(
+    metrics_csv: str | Path,
+    path: str | Path,
+    keys: Sequence[str | Sequence[str]] | None = None,
+) -> Path:
+    """Training curves from a Lightning CSVLogger ``metrics.csv``: one subplot per key.
+
+    ``keys`` picks what to draw; an entry that is a list of keys shares one subplot (e.g.
+    ``["train/cost", "train/target"]``). By default every logged key is drawn, with each
+    ``*target*`` key overlaid on its ``*cost*`` partner when both exist.
+    """
+    series = _read_metrics(metrics_csv)
+    if keys is None:
+        groups = _default_groups(list(series))
+    else:
+        groups = [[k] if isinstance(k, str) else list(k) for k in keys]
+    missing = sorted({k for g in groups for k in g} - set(series))
+    if missing or not groups:
+        raise ValueError(f"keys not in {metrics_csv}: {missing}; logged keys: {sorted(series)}")
+    cols = min(3, len(groups))
+    rows = math.ceil(len(groups) / cols)
+    fig, axes = _figure(rows, cols, figsize=(4 * cols, 2.8 * rows))
+    for ax, group in zip(axes.flat, groups):
+        for key in group:
+            steps, values = zip(*series[key])
+            ax.plot(steps, values, label=key, marker="." if len(steps) < 30 else None)
+        ax.set_title(" vs ".join(group), fontsize=9)
+        ax.set_xlabel("step")
+        if len(group) > 1:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(groups) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _mac_unit(largest: float) -> tuple[float, str]:
+    for scale, unit in ((1e9, "GMACs"), (1e6, "MMACs"), (1e3, "KMACs")):
+        if largest >= scale:
+            return scale, unit
+    return 1.0, "MACs"
+
+
+def cost_bars(
+    per_block_macs: dict[str, float],
+    path: str | Path,
+    title: str = "MACs per block",
+) -> Path:
+    """Horizontal bars of MACs per block (in model order), each labelled with its share of the
+    blocks' total: where the compute is, hence which gates the budget depends on."""
+    if not per_block_macs:
+        raise ValueError("per_block_macs is empty")
+    names = list(per_block_macs)
+    macs = np.asarray([float(per_block_macs[n]) for n in names])
+    scale, unit = _mac_unit(float(macs.max()))
+    total = float(macs.sum()) or 1.0
+    fig, axes = _figure(figsize=(6, 1 + 0.28 * len(names)))
+    ax = axes[0, 0]
+    bars = ax.barh(range(len(names)), macs / scale, color="C0")
+    ax.bar_label(bars, [f"{m / total:.0%}" for m in macs], fontsize=7, padding=2)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()  # first block on top, as in the model
+    ax.set_xlabel(unit)
+    ax.set_ylabel("block")
+    ax.set_title(title)
+    ax.margins(x=0.12)
+    return _save(fig, path)
