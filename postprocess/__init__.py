@@ -1,0 +1,26 @@
+"""Post-processing: gate probabilities -> hard Plans -> SubNets that really run faster.
+
+Re-exports are lazy (PEP 562) so that importing the plan format does not pull in diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY: dict[str, str] = {
+    "Plan": "dipgo.postprocess.plan",
+    "PlanError": "dipgo.postprocess.plan",
+    "extract_reuse_plan": "dipgo.postprocess.reuse_plan",
+    "validate_plan": "dipgo.postprocess.reuse_plan",
+    "install_plan": "dipgo.postprocess.reuse_subnet",
+    "ReuseSubNet": "dipgo.postprocess.reuse_subnet",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

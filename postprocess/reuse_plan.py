@@ -1,0 +1,140 @@
+"""Keep probabilities of a reuse search -> a hard Plan that meets the MACs budget.
+
+The pruner's probabilities rank the slots; the budget decides how many close. Costs are always
+the SuperNet's cascade-aware hard cost, so closing ``up_blocks.0`` also frees the mid block and the
+deepest down block when nothing else reads them. The plan stores the *effective* grid: a unit that
+nobody needs is marked closed, because the SubNet will not run it.
+
+How close to the target a plan can land is bounded by the granularity: the finest step is one
+slot's MACs (one unit at one step), or a whole cascade when a unit drags its producers along. With
+block granularity on a small UNet at 20 steps one slot is well under 1% of the trajectory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.supernets.reuse import ReuseSuperNet
+
+
+def _as_grid(keep_probs: Any, supernet: ReuseSuperNet) -> torch.Tensor:
+    """``(N,)`` or ``(S-1, B)`` probabilities -> ``(S-1, B)`` float64 on CPU."""
+    probs = torch.as_tensor(keep_probs).detach().to("cpu", torch.float64)
+    if probs.numel() != len(supernet.slots):
+        raise PlanError(
+            f"got {probs.numel()} keep probabilities but the SuperNet has {len(supernet.slots)} slots "
+            f"({supernet.grid_shape[0]} steps x {supernet.grid_shape[1]} blocks)"
+        )
+    return probs.reshape(supernet.grid_shape)
+
+
+class _GridCost:
+    """Hard cost of a compute grid, updated one step row at a time (only that row changes)."""
+
+    def __init__(self, supernet: ReuseSuperNet, grid: list[list[bool]]) -> None:
+        self.supernet = supernet
+        self.grid = grid  # (S, B), row 0 all True
+        self.full = supernet.full_cost()
+        self.rows = [supernet.step_macs(row) for row in grid]
+
+    @property
+    def ratio(self) -> float:
+        return sum(self.rows) / self.full
+
+    def set(self, s: int, b: int, value: bool) -> None:
+        self.grid[s][b] = value
+        self.rows[s] = self.supernet.step_macs(self.grid[s])
+
+
+def _close_until(cost: _GridCost, order: list[tuple[int, int]], target: float) -> list[tuple[int, int]]:
+    """Close slots from the least likely kept until the budget holds; returns the closed ones."""
+    closed: list[tuple[int, int]] = []
+    for s, b in order:
+        if cost.ratio <= target:
+            break
+        cost.set(s, b, False)
+        closed.append((s, b))
+    return closed
+
+
+def _reopen(cost: _GridCost, closed: list[tuple[int, int]], target: float) -> None:
+    """Re-open closed slots, most likely kept first, whenever the budget still holds.
+
+    Every closed slot is tried once, so the final gap to the target is smaller than the cost of
+    any slot still closed (cascade included).
+    """
+    for s, b in closed:
+        cost.set(s, b, True)
+        if cost.ratio > target:
+            cost.set(s, b, False)
+
+
+def extract_reuse_plan(keep_probs: Any, supernet: ReuseSuperNet, target: float,
+                       meta: dict[str, Any] | None = None) -> Plan:
+    """Hard plan from keep probabilities ``(N,)`` or ``(S-1, B)`` with kept-cost ratio <= ``target``.
+
+    Step 0 is always computed. Slots close greedily from the lowest keep probability, with the
+    cascade-aware cost recomputed after each change, until the cost is within budget; then the
+    most probable closed slots are re-opened while the budget still holds, so the plan lands just
+    below the target. Raises :class:`PlanError` when even closing everything cannot reach it.
+    """
+    if not 0.0 < target <= 1.0:
+        raise PlanError(f"target must be a kept-cost ratio in (0, 1], got {target}")
+    probs = _as_grid(keep_probs, supernet)  # (S-1, B)
+    steps, blocks = supernet.num_steps, len(supernet.block_names)
+    floor = supernet.plan_cost([[True] * blocks] + [[False] * blocks] * (steps - 1))
+    if floor > target:
+        raise PlanError(
+            f"target {target:.3f} is below the smallest reachable cost {floor:.3f} of {supernet.model_class} at "
+            f"{steps} steps (step 0 and the ungated stem/head always run)"
+        )
+    flat = probs.flatten().tolist()
+    order = sorted(range(len(flat)), key=lambda k: (flat[k], k))  # least likely kept first
+    slots = [(k // blocks + 1, k % blocks) for k in order]
+    cost = _GridCost(supernet, [[True] * blocks for _ in range(steps)])
+    closed = _close_until(cost, slots, target)
+    _reopen(cost, closed[::-1], target)
+    compute = (supernet.effective(torch.tensor(cost.grid, dtype=torch.float64)) > 0.5).tolist()
+    return Plan(
+        kind="reuse", model=supernet.model_class, blocks=supernet.block_names, compute=compute,
+        target=float(target), cost_ratio=supernet.plan_cost(compute), num_steps=steps,
+        meta=_plan_meta(supernet, probs, meta),
+    )
+
+
+def _plan_meta(supernet: ReuseSuperNet, probs: torch.Tensor, meta: dict[str, Any] | None) -> dict[str, Any]:
+    """What ``install_plan`` needs to rebuild the units, the probabilities (for heatmaps), the caller's provenance."""
+    cfg = supernet.config
+    return {
+        "granularity": cfg.granularity,
+        "mode": cfg.mode,
+        "modes": supernet.modes,
+        "scheduler": cfg.scheduler,
+        "guidance_scale": cfg.guidance_scale,
+        "keep_probs": [[round(p, 4) for p in row] for row in probs.tolist()],  # (S-1, B)
+        **(meta or {}),
+    }
+
+
+def check_plan_fits(plan: Plan, model_class: str, blocks: list[str], num_steps: int | None) -> None:
+    """Refuse (with :class:`PlanError`) a reuse plan made for another model, block list or step count."""
+    if plan.kind != "reuse":
+        raise PlanError(f"expected a reuse plan, got a {plan.kind!r} plan")
+    if plan.model != model_class:
+        raise PlanError(f"plan was made for {plan.model} but the model is {model_class}")
+    if plan.blocks != blocks:
+        missing = sorted(set(plan.blocks) ^ set(blocks))[:3]
+        raise PlanError(
+            f"plan blocks do not match the model's {len(blocks)} gated blocks "
+            f"(plan has {len(plan.blocks)}; first differences: {', '.join(missing) or 'order'})"
+        )
+    if num_steps is not None and plan.num_steps != num_steps:
+        raise PlanError(f"plan was made for {plan.num_steps} sampling steps but {num_steps} are used")
+
+
+def validate_plan(plan: Plan, supernet: ReuseSuperNet) -> None:
+    """Check that ``plan`` fits ``supernet`` (model class, blocks, step count); raises PlanError."""
+    check_plan_fits(plan, supernet.model_class, supernet.block_names, supernet.num_steps)

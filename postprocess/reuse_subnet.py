@@ -1,0 +1,187 @@
+"""Run a plain diffusers denoiser with a reuse Plan: closed blocks are really not executed.
+
+:func:`install_plan` wraps the planned units of the model itself, so anything that calls the model
+(a diffusers pipeline, dipgo's sampling loop, user code) gets the SubNet. It needs to know the
+sampling step of each call: a forward pre-hook counts calls and starts a new trajectory whenever
+the timestep stops decreasing (or on ``handle.reset()``). That rule assumes one denoiser call per
+step (CFG batched in one call, as diffusers' pipelines do); pipelines that call the denoiser twice
+per step or second-order solvers (Heun) need explicit ``reset()`` handling and are not supported.
+
+:class:`ReuseSubNet` bundles model + plan + scheduler settings and saves them as ``plan.json`` and
+``subnet.json``; the weights stay the original model's (loaded from ``source``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dipgo.postprocess.plan import Plan, PlanError, write_json_atomic
+from dipgo.postprocess.reuse_plan import check_plan_fits
+from dipgo.supernets.adapters import ConsumerGraph, get_reuse_adapter
+from dipgo.supernets.reuse import ReuseHooks, StepState, effective_grid
+from dipgo.supernets.sampling import make_model_fn, make_scheduler, null_class_for, sample
+
+SUBNET_FORMAT = "dipgo.reuse_subnet"
+SUBNET_VERSION = 1
+
+
+def _timestep_index(model: nn.Module) -> int | None:
+    """Position of ``timestep`` among the forward's positional parameters (``None`` if absent)."""
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in params]
+    return names.index("timestep") if "timestep" in names else None
+
+
+def _timestep_value(args: tuple[Any, ...], kwargs: dict[str, Any], index: int | None) -> float:
+    t = kwargs.get("timestep")
+    if t is None and index is not None and len(args) > index:
+        t = args[index]
+    if t is None:
+        raise PlanError("the denoiser was called without a timestep, so the plan cannot tell the sampling step")
+    return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
+
+
+class ReusePlanHandle:
+    """An installed plan: counts steps, skips closed units; ``remove()`` restores the model."""
+
+    def __init__(self, model: nn.Module, plan: Plan, hooks: ReuseHooks, graph: ConsumerGraph) -> None:
+        self.model = model
+        self.plan = plan
+        self._hooks = hooks
+        grid = torch.tensor(plan.compute, dtype=torch.float64)  # (S, B)
+        self._compute: list[tuple[bool, ...]] = [tuple(r) for r in (effective_grid(grid, graph) > 0.5).tolist()]
+        self._t_index = _timestep_index(model)
+        self.step = -1
+        self._last_t: float | None = None
+        self._caches: dict[int, Any] = {}
+        self._pre = model.register_forward_pre_hook(self._before_call, with_kwargs=True)
+        hooks.on_remove(self._pre.remove)
+
+    def reset(self) -> None:
+        """Start a new trajectory at the next call (drop the caches)."""
+        self.step, self._last_t, self._caches = -1, None, {}
+        self._hooks.runtime.state = None
+
+    def _before_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        t = _timestep_value(args, kwargs, self._t_index)
+        if self._last_t is None or t >= self._last_t:
+            self.reset()  # timestep did not decrease: a new trajectory begins
+        self.step, self._last_t = self.step + 1, t
+        if self.step >= len(self._compute):
+            raise PlanError(
+                f"the plan was made for {len(self._compute)} sampling steps but the denoiser is being called "
+                f"for step {self.step + 1} of one trajectory"
+            )
+        self._hooks.runtime.state = StepState(hard=True, compute=self._compute[self.step], caches=self._caches)
+
+    def remove(self) -> None:
+        """Original forwards back; the model is the plain diffusers model again."""
+        self._hooks.remove()
+
+    def __enter__(self) -> ReusePlanHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def install_plan(model: nn.Module, plan: Plan, num_steps: int | None = None) -> ReusePlanHandle:
+    """Make ``model`` run ``plan`` on every call until ``handle.remove()``.
+
+    The plan's ``meta`` (``granularity``, ``mode``) rebuilds the gated units; the model class and
+    block list must match the plan (``PlanError`` otherwise), and so must ``num_steps`` when given.
+    """
+    meta = plan.meta or {}
+    adapter = get_reuse_adapter(model)
+    granularity = meta.get("granularity", "block")
+    units = adapter.units(model, granularity, meta.get("mode", "auto"))
+    check_plan_fits(plan, type(model).__name__, [u.name for u in units], num_steps)
+    modes = meta.get("modes")
+    if modes is not None and list(modes) != [u.mode for u in units]:
+        raise PlanError("plan reuse modes do not match the model's units: rebuild the plan with this dipgo")
+    hooks = ReuseHooks(model, units)
+    return ReusePlanHandle(model, plan, hooks, adapter.graph(model, units, granularity))
+
+
+@dataclass
+class ReuseSubNet:
+    """A denoiser with a reuse plan and the sampler settings it was searched with.
+
+    Attributes:
+        model: the original diffusers model (weights are not copied).
+        plan: the hard reuse plan.
+        scheduler: short scheduler name (``"ddim"``, ``"dpmsolver++"``, ``"euler"``).
+        scheduler_config: the model folder's scheduler config, or ``None`` for defaults.
+        guidance_scale: CFG scale used when sampling.
+        null_class: unconditional class label (``None``: read from the model).
+        source: where the weights come from (hub id or folder), recorded for reloading.
+    """
+
+    model: nn.Module
+    plan: Plan
+    scheduler: str = "ddim"
+    scheduler_config: dict[str, Any] | None = None
+    guidance_scale: float = 1.0
+    null_class: int | None = None
+    source: str | None = None
+
+    def install(self) -> ReusePlanHandle:
+        return install_plan(self.model, self.plan, self.plan.num_steps)
+
+    def sample(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Final samples ``(B, C, H, W)`` from ``batch["noise"]`` with the plan installed."""
+        null_class = self.null_class if self.null_class is not None else null_class_for(self.model)
+        scheduler = make_scheduler(self.scheduler, self.scheduler_config)
+        with self.install(), torch.no_grad():
+            final, _ = sample(make_model_fn(self.model), scheduler, batch, self.plan.num_steps,
+                              self.guidance_scale, null_class=null_class)
+        return final
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``plan.json`` and ``subnet.json`` (atomic); returns the folder."""
+        directory = Path(directory)
+        self.plan.save(directory / "plan.json")
+        write_json_atomic(directory / "subnet.json", {
+            "format": SUBNET_FORMAT,
+            "version": SUBNET_VERSION,
+            "model_class": type(self.model).__name__,
+            "source": self.source,
+            "scheduler": self.scheduler,
+            "scheduler_config": self.scheduler_config,
+            "guidance_scale": self.guidance_scale,
+            "null_class": self.null_class,
+        })
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module) -> ReuseSubNet:
+        """Rebuild from a folder written by :meth:`save` around ``model`` (the original weights)."""
+        directory = Path(directory)
+        plan = Plan.load(directory / "plan.json")
+        config = _read_subnet_config(directory / "subnet.json")
+        if config["model_class"] != type(model).__name__:
+            raise PlanError(f"subnet was saved for {config['model_class']} but the model is {type(model).__name__}")
+        return cls(model=model, plan=plan, scheduler=config["scheduler"], scheduler_config=config["scheduler_config"],
+                   guidance_scale=config["guidance_scale"], null_class=config["null_class"],
+                   source=config.get("source"))
+
+
+def _read_subnet_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PlanError(f"no subnet config at {path}: expected a folder written by ReuseSubNet.save")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if data.get("format") != SUBNET_FORMAT or data.get("version", 0) > SUBNET_VERSION:
+        raise PlanError(f"{path} is not a reuse subnet config this dipgo can read (format {data.get('format')!r})")
+    return data

@@ -1,0 +1,549 @@
+"""The ``reuse`` gate kind: timestep feature reuse across a diffusion trajectory (DiP-GO).
+
+A denoiser is called once per sampling step. For every step ``s >= 1`` and every gated unit ``b``
+(a UNet block, a transformer block, or a layer inside them) there is a keep probability
+``g[s, b]``; the unit's output at step ``s`` is ``g * f_b(x) + (1 - g) * cache_b`` where
+``cache_b`` is its (mixed) output at step ``s - 1``: DiP-GO's backup connection. Step 0 has no
+gates. Slots are step-major: slot ``(s - 1) * B + b`` is ``"step{s}/{unit}"``.
+
+Hard gates skip work: a reused unit is not executed, and units whose output is read only by
+reused units are skipped too (the dependency cascade; see :func:`effective_grid`). Training uses
+the same *effective* gate in its soft mix, so what the pruner optimises is exactly what the
+SubNet later runs. Wrapping swaps the units' ``forward`` for a closure and restores it exactly on
+removal, like diffusers' hook registry, so the model stays a plain diffusers model.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import checkpoint
+
+from dipgo.report.macs import block_macs
+from dipgo.supernets.adapters import ConsumerGraph, ReuseUnit, get_reuse_adapter
+from dipgo.supernets.gates import GateSlot
+from dipgo.supernets.sampling import (
+    SCHEDULER_NAMES,
+    make_model_fn,
+    make_scheduler,
+    model_inputs,
+    null_class_for,
+    sample,
+)
+
+
+@dataclass
+class ReuseConfig:
+    """How a denoiser is turned into a reuse SuperNet.
+
+    Attributes:
+        num_steps: sampling steps of the trajectory the gates are searched for; a plan is only
+            valid for this step count.
+        granularity: ``"block"`` (UNet down/mid/up blocks, transformer blocks) or ``"layer"``
+            (UNet resnets and attentions, transformer attn1/attn2/ff).
+        mode: ``"output"`` (a reused unit returns its cached output), ``"residual"`` (it returns
+            ``x + cached_delta``, FORA style, keeping this step's upstream work) or ``"auto"``
+            (residual for transformer blocks and UNet attentions, output for UNet blocks/resnets).
+        guidance_scale: classifier-free guidance scale; ``> 1`` batches cond and uncond in one call
+            (the caches then hold both halves, and the cost counts both).
+        scheduler: ``"ddim"``, ``"dpmsolver++"`` or ``"euler"``.
+        scheduler_config: the model folder's scheduler config (beta schedule, prediction type);
+            ``None`` uses diffusers' defaults.
+        num_train_timesteps: used only when ``scheduler_config`` is ``None``.
+        null_class: label of the unconditional half for class-conditional models; ``None`` reads
+            it from the model (DiT: ``num_embeds_ada_norm``; UNet: ``num_class_embeds - 1``).
+        checkpointing: recompute each step's denoiser call in the backward pass
+            (``torch.utils.checkpoint``), bounding memory of the unrolled trajectory to about one
+            step's activations plus the caches.
+        truncate_steps: detach the latent, the caches and the solver state every ``k`` steps
+            (truncated backprop through time); ``None`` backpropagates through all steps.
+    """
+
+    num_steps: int = 50
+    granularity: str = "block"
+    mode: str = "auto"
+    guidance_scale: float = 1.0
+    scheduler: str = "ddim"
+    scheduler_config: dict[str, Any] | None = None
+    num_train_timesteps: int = 1000
+    null_class: int | None = None
+    checkpointing: bool = False
+    truncate_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 2:
+            raise ValueError(f"num_steps must be at least 2 (step 0 is never gated), got {self.num_steps}")
+        if self.scheduler not in SCHEDULER_NAMES:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}: expected one of {', '.join(SCHEDULER_NAMES)}")
+        if self.truncate_steps is not None and self.truncate_steps < 1:
+            raise ValueError(f"truncate_steps must be >= 1 or None, got {self.truncate_steps}")
+
+
+# ----------------------------------------------------------------------------- cascade
+
+
+def effective_grid(grid: torch.Tensor, graph: ConsumerGraph) -> torch.Tensor:
+    """Keep probabilities after the dependency cascade, ``(S, B) -> (S, B)``.
+
+    ``eff[s, b] = grid[s, b] * need[s, b]`` with ``need = 1 - prod_c (1 - eff[s, c])`` over the
+    consumers ``c`` of ``b`` (1 when the output head or a residual unit always reads it). Units are
+    in execution order, so one reverse pass settles every step at once. Differentiable; exact 0/1
+    for hard grids.
+    """
+    grid = grid.to(torch.get_default_dtype()) if not grid.is_floating_point() else grid
+    cols: list[torch.Tensor] = [grid[:, 0]] * grid.shape[1]  # placeholders, all overwritten
+    for b in reversed(range(grid.shape[1])):
+        if graph.always_needed[b]:
+            cols[b] = grid[:, b]
+            continue
+        missed = torch.ones_like(grid[:, b])  # (S,) prob. that no consumer reads b
+        for c in graph.consumers[b]:
+            missed = missed * (1 - cols[c])
+        cols[b] = grid[:, b] * (1 - missed)
+    return torch.stack(cols, dim=1)
+
+
+# ----------------------------------------------------------------------------- runtime
+
+
+@dataclass
+class _Residual:
+    """Cache of a residual-mode unit: ``delta = unit(x) - x`` and the rest of a tuple output."""
+
+    delta: torch.Tensor
+    rest: tuple[Any, ...] | None  # None: the unit returns a bare tensor
+
+
+@dataclass
+class StepState:
+    """What the wrapped units do during one denoiser call.
+
+    Attributes:
+        hard: 0/1 decisions, a closed unit is not executed; else soft mixing with ``gates``.
+        compute: per unit, whether to run its forward at all (hard: the decision; soft: False only
+            where the effective gate is exactly 0 and carries no gradient).
+        gates: ``(B,)`` effective keep probabilities for the soft mix (``None`` when hard).
+        caches: unit index -> cached output (output mode) or :class:`_Residual`; read and
+            replaced in place during the call.
+    """
+
+    hard: bool
+    compute: Sequence[bool]
+    gates: torch.Tensor | None = None
+    caches: dict[int, Any] = field(default_factory=dict)
+
+
+def _hidden_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _split_output(unit: ReuseUnit, out: Any, x: torch.Tensor) -> tuple[torch.Tensor, tuple[Any, ...] | None]:
+    """``(hidden, rest)`` of a residual unit's output, checking the shape contract."""
+    hidden, rest = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
+    if not isinstance(hidden, torch.Tensor) or hidden.shape != x.shape:
+        got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise ValueError(
+            f"mode='residual' needs {unit.name} to keep its input's shape {tuple(x.shape)}, got {got}: "
+            "use mode='output'"
+        )
+    return hidden, rest
+
+
+def _join(hidden: torch.Tensor, rest: tuple[Any, ...] | None) -> Any:
+    return hidden if rest is None else (hidden, *rest)
+
+
+def _mix(g: torch.Tensor, new: Any, old: Any) -> Any:
+    """``g * new + (1 - g) * old`` over every tensor of two same-structured outputs."""
+    new_leaves, spec = pytree.tree_flatten(new)
+    old_leaves, _ = pytree.tree_flatten(old)
+    mixed = [
+        g * n + (1 - g) * o if isinstance(n, torch.Tensor) else n for n, o in zip(new_leaves, old_leaves)
+    ]
+    return pytree.tree_unflatten(mixed, spec)
+
+
+class ReuseRuntime:
+    """The shared state behind the wrapped forwards.
+
+    ``state is None`` means pass-through: every unit runs its original forward, so the wrapped
+    model is bit-identical to the plain one (the reference path uses that).
+    """
+
+    def __init__(self, units: Sequence[ReuseUnit]) -> None:
+        self.units = list(units)
+        self.state: StepState | None = None
+
+    def call(self, idx: int, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        state = self.state
+        if state is None:
+            return forward(*args, **kwargs)
+        unit, prev = self.units[idx], state.caches.get(idx)
+        if prev is None or (state.hard and state.compute[idx]):
+            return self._compute(state, idx, unit, forward, args, kwargs)
+        if not state.compute[idx]:
+            return self._replay(unit, prev, args, kwargs)
+        return self._soft(state, idx, unit, prev, forward(*args, **kwargs), args, kwargs)
+
+    @staticmethod
+    def _compute(state: StepState, idx: int, unit: ReuseUnit, forward: Callable[..., Any],
+                 args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the unit and remember it; the output is returned untouched (bit-exact)."""
+        out = forward(*args, **kwargs)
+        if unit.mode == "output":
+            state.caches[idx] = out
+        else:
+            x = _hidden_input(args, kwargs)
+            hidden, rest = _split_output(unit, out, x)
+            state.caches[idx] = _Residual(hidden - x, rest)
+        return out
+
+    @staticmethod
+    def _replay(unit: ReuseUnit, prev: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A closed unit: the cached output, or today's input plus the cached residual."""
+        if unit.mode == "output":
+            return prev
+        return _join(_hidden_input(args, kwargs) + prev.delta, prev.rest)
+
+    @staticmethod
+    def _soft(state: StepState, idx: int, unit: ReuseUnit, prev: Any, out: Any,
+              args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The backup connection: ``g * f(x) + (1 - g) * cache`` (on the residual in residual mode)."""
+        g = state.gates[idx]
+        if unit.mode == "output":
+            state.caches[idx] = _mix(g, out, prev)
+            return state.caches[idx]
+        x = _hidden_input(args, kwargs)
+        hidden, rest = _split_output(unit, out, x)
+        # mix in output space so that g == 1 returns f(x) bit-exactly; same delta mathematically
+        mixed = g * hidden + (1 - g) * (x + prev.delta)
+        state.caches[idx] = _Residual(mixed - x, rest)
+        return _join(mixed, rest)
+
+
+class _ForwardPatch:
+    """Replace ``module.forward`` by ``runtime.call(idx, original, ...)`` and undo it exactly."""
+
+    def __init__(self, module: nn.Module, idx: int, runtime: ReuseRuntime) -> None:
+        self.module = module
+        self._had_own = "forward" in module.__dict__
+        self._own = module.__dict__.get("forward")
+        original = module.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return runtime.call(idx, original, args, kwargs)
+
+        self._forward = forward
+        module.forward = forward
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is not self._forward:
+            raise RuntimeError(
+                f"the forward of {type(self.module).__name__} was replaced by another hook after dipgo's; "
+                "remove that hook first"
+            )
+        if self._had_own:
+            self.module.forward = self._own
+        else:
+            del self.module.forward
+
+
+_INSTALLED: weakref.WeakKeyDictionary[nn.Module, ReuseHooks] = weakref.WeakKeyDictionary()
+
+
+class ReuseHooks:
+    """The wrapped forwards of a model's reuse units and their runtime; one per model at a time."""
+
+    def __init__(self, model: nn.Module, units: Sequence[ReuseUnit]) -> None:
+        if model in _INSTALLED:
+            raise RuntimeError(
+                f"{type(model).__name__} already has reuse gates installed: call remove_reuse(model) first"
+            )
+        self.model = model
+        self.runtime = ReuseRuntime(units)
+        self._patches = [_ForwardPatch(u.module, i, self.runtime) for i, u in enumerate(units)]
+        self._extra_removers: list[Callable[[], None]] = []
+        _INSTALLED[model] = self
+
+    def on_remove(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the hooks are removed (restore flags, drop a pre-hook...)."""
+        self._extra_removers.append(fn)
+
+    def remove(self) -> None:
+        if _INSTALLED.get(self.model) is not self:
+            return
+        for patch in reversed(self._patches):
+            patch.remove()
+        for fn in reversed(self._extra_removers):
+            fn()
+        self.runtime.state = None
+        del _INSTALLED[self.model]
+
+
+def remove_reuse(model: nn.Module) -> None:
+    """Undo :func:`apply_reuse` (or ``install_plan``): original forwards, flags and modes back."""
+    hooks = _INSTALLED.get(model)
+    if hooks is None:
+        raise ValueError(f"{type(model).__name__} has no reuse gates installed")
+    hooks.remove()
+
+
+def _freeze(model: nn.Module) -> Callable[[], None]:
+    """Freeze and switch to eval; returns the function that restores the previous flags exactly."""
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    model.requires_grad_(False)
+    model.eval()
+
+    def restore() -> None:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for m, flag in modes:
+            m.training = flag
+
+    return restore
+
+
+# ----------------------------------------------------------------------------- SuperNet
+
+
+def _tree_detach(tree: Any) -> Any:
+    return pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, tree)
+
+
+def _detach_caches(caches: dict[int, Any]) -> dict[int, Any]:
+    return {
+        k: _Residual(v.delta.detach(), _tree_detach(v.rest)) if isinstance(v, _Residual) else _tree_detach(v)
+        for k, v in caches.items()
+    }
+
+
+@dataclass
+class _Trajectory:
+    """Per-run bookkeeping: current step and the caches carried between steps."""
+
+    rows: torch.Tensor | None  # (S, B) effective gates (soft) or None (hard)
+    compute: list[list[bool]]  # (S, B) run the unit's forward?
+    hard: bool
+    step: int = 0
+    caches: dict[int, Any] = field(default_factory=dict)
+
+
+class ReuseSuperNet:
+    """A frozen denoiser plus reuse gates over ``(num_steps - 1) x num_units`` slots.
+
+    Implements dipgo's SuperNet protocol (``slots``, ``full_cost``, ``expected_cost``,
+    ``reference``, ``gated``) and adds ``sample`` for hard 0/1 grids (closed units really skipped).
+    Owns no parameters: gates come from the pruner.
+    """
+
+    kind = "reuse"
+
+    def __init__(self, model: nn.Module, config: ReuseConfig, units: Sequence[ReuseUnit],
+                 graph: ConsumerGraph, unit_macs: Sequence[float], call_macs: float) -> None:
+        self.model = model
+        self.config = config
+        self.units = list(units)
+        self.graph = graph
+        self.null_class = config.null_class if config.null_class is not None else null_class_for(model)
+        self._unit_macs = torch.tensor(list(unit_macs), dtype=torch.float64)  # (B,)
+        self._call_macs = float(call_macs)
+        restore = _freeze(model)
+        self._hooks = ReuseHooks(model, self.units)
+        self._hooks.on_remove(restore)
+        self._model_fn = make_model_fn(model)
+        self.slots = self._make_slots()
+
+    # -- shape of the search space
+    @property
+    def num_steps(self) -> int:
+        return self.config.num_steps
+
+    @property
+    def block_names(self) -> list[str]:
+        return [u.name for u in self.units]
+
+    @property
+    def modes(self) -> list[str]:
+        return [u.mode for u in self.units]
+
+    @property
+    def grid_shape(self) -> tuple[int, int]:
+        return (self.num_steps - 1, len(self.units))
+
+    @property
+    def model_class(self) -> str:
+        return type(self.model).__name__
+
+    def _make_slots(self) -> list[GateSlot]:
+        width = max(2, len(str(self.num_steps - 1)))
+        return [
+            GateSlot(name=f"step{s:0{width}d}/{u.name}", kind="reuse", block=u.name, cost=float(m), step=s)
+            for s in range(1, self.num_steps)
+            for u, m in zip(self.units, self._unit_macs.tolist())
+        ]
+
+    def gate_grid(self, gates: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` slot-ordered gates (or ``(S-1, B)``) -> ``(S, B)`` grid with row 0 = 1."""
+        body = gates.reshape(self.grid_shape)
+        return torch.cat([torch.ones_like(body[:1]), body], dim=0)
+
+    def effective(self, grid: torch.Tensor) -> torch.Tensor:
+        """Cascade-aware keep probabilities of an ``(S, B)`` grid (see :func:`effective_grid`)."""
+        return effective_grid(grid, self.graph)
+
+    # -- costs
+    @property
+    def unit_macs(self) -> list[float]:
+        """MACs of one call of each gated unit (one sample, both CFG halves), in unit order."""
+        return self._unit_macs.tolist()
+
+    @property
+    def always_paid_macs(self) -> float:
+        """MACs of one call outside the gated units (stem, time embedding, head...)."""
+        return self._call_macs - float(self._unit_macs.sum())
+
+    def full_cost(self) -> float:
+        """MACs of the whole trajectory for one sample (both CFG halves when guidance is on)."""
+        return self.num_steps * self._call_macs
+
+    def expected_cost(self, gates: torch.Tensor) -> torch.Tensor:
+        """Differentiable kept-cost ratio in [0, 1] of ``(N,)`` keep probabilities, cascade included."""
+        eff = self.effective(self.gate_grid(gates))  # (S, B)
+        weights = (self._unit_macs / self.full_cost()).to(eff)  # (B,)
+        base = self.num_steps * self.always_paid_macs / self.full_cost()
+        return base + (eff * weights).sum()
+
+    def plan_cost(self, compute_grid: Any) -> float:
+        """Kept-cost ratio of a hard ``(S, B)`` grid (``True`` = compute), cascade included."""
+        grid = torch.as_tensor(compute_grid, dtype=torch.float64)
+        if grid.shape != (self.num_steps, len(self.units)):
+            raise ValueError(f"compute grid must have shape {(self.num_steps, len(self.units))}, got {tuple(grid.shape)}")
+        if not bool(grid[0].all()):
+            raise ValueError("step 0 must compute every unit (there is nothing to reuse yet)")
+        eff = self.effective(grid)
+        total = self.num_steps * self.always_paid_macs + float((eff * self._unit_macs).sum())
+        return total / self.full_cost()
+
+    def step_macs(self, row: Sequence[bool]) -> float:
+        """MACs of one step (not step 0) with a hard row of decisions, cascade included."""
+        eff = self.effective(torch.as_tensor([list(row)], dtype=torch.float64))[0]
+        return self.always_paid_macs + float((eff * self._unit_macs).sum())
+
+    # -- trajectories
+    def reference(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The plain model's trajectory (the wrapped forwards pass through untouched)."""
+        with torch.no_grad():
+            final, eps = self._sample(batch, None)
+        return {"output": final, "eps": eps}
+
+    def gated(self, batch: Mapping[str, Any], gates: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Trajectory with soft keep probabilities ``(N,)``; differentiable in ``gates``."""
+        rows = self.effective(self.gate_grid(gates))  # (S, B)
+        run_all = rows.requires_grad and torch.is_grad_enabled()
+        compute = (rows > 0).tolist() if not run_all else [[True] * rows.shape[1]] * rows.shape[0]
+        final, eps = self._sample(batch, _Trajectory(rows=rows, compute=compute, hard=False))
+        return {"output": final, "eps": eps}
+
+    def sample(self, batch: Mapping[str, Any], compute_grid: Any = None,
+               return_dict: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Hard-gated trajectory: closed and cascade-skipped units are not executed at all.
+
+        ``compute_grid``: ``(S, B)`` booleans (``True`` = compute), ``None`` = all computed.
+        Returns the final sample ``(B, C, H, W)``, or ``{"output", "eps"}`` with ``return_dict``.
+        """
+        shape = (self.num_steps, len(self.units))
+        grid = torch.ones(shape) if compute_grid is None else torch.as_tensor(compute_grid).to(torch.float32)
+        compute = (self.effective(grid) > 0.5).tolist()
+        with torch.no_grad():
+            final, eps = self._sample(batch, _Trajectory(rows=None, compute=compute, hard=True))
+        return {"output": final, "eps": eps} if return_dict else final
+
+    def _sample(self, batch: Mapping[str, Any], run: _Trajectory | None) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        scheduler = make_scheduler(cfg.scheduler, cfg.scheduler_config, cfg.num_train_timesteps)
+        model_fn = self._model_fn if run is None else self._gated_fn(run)
+        on_step = None if run is None else self._on_step(run)
+        return sample(model_fn, scheduler, batch, cfg.num_steps, cfg.guidance_scale,
+                      null_class=self.null_class, on_step=on_step, truncate_steps=cfg.truncate_steps)
+
+    def _on_step(self, run: _Trajectory) -> Callable[[int], None]:
+        k = self.config.truncate_steps
+
+        def on_step(i: int) -> None:
+            run.step = i
+            if k and i > 0 and i % k == 0:
+                run.caches = _detach_caches(run.caches)
+
+        return on_step
+
+    def _gated_fn(self, run: _Trajectory) -> Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]:
+        def model_fn(x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+            gates = None if run.rows is None else run.rows[run.step]  # (B,)
+            args = (x, t, cond, run.caches, gates, tuple(run.compute[run.step]), run.hard)
+            if self.config.checkpointing and torch.is_grad_enabled():
+                out, run.caches = checkpoint(self._step, *args, use_reentrant=False)
+            else:
+                out, run.caches = self._step(*args)
+            return out
+
+        return model_fn
+
+    def _step(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], caches: dict[int, Any],
+              gates: torch.Tensor | None, compute: tuple[bool, ...], hard: bool) -> tuple[torch.Tensor, dict[int, Any]]:
+        """One denoiser call as a pure function of its inputs (so checkpoint can replay it)."""
+        runtime = self._hooks.runtime
+        state = StepState(hard=hard, compute=compute, gates=gates, caches=dict(caches))
+        previous, runtime.state = runtime.state, state
+        try:
+            out = self._model_fn(x, t, cond)
+        finally:
+            runtime.state = previous
+        return out, state.caches
+
+    def remove(self) -> None:
+        """Restore the model exactly (forwards, requires_grad, train/eval flags)."""
+        self._hooks.remove()
+
+
+def _example_call(batch: Mapping[str, Any], config: ReuseConfig, null_class: int | None
+                  ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One denoiser call's inputs for a single sample (both CFG halves), for counting MACs."""
+    one = {k: _first_item(v) for k, v in batch.items()}
+    copies, cond = model_inputs(one, config.guidance_scale, null_class)
+    x = torch.cat([one["noise"]] * copies)  # (copies, C, H, W)
+    t = torch.full((copies,), config.num_train_timesteps // 2, device=x.device, dtype=torch.long)
+    return x, {"timestep": t, **cond}
+
+
+def _first_item(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value[:1]
+    if isinstance(value, Mapping):
+        return {k: _first_item(v) for k, v in value.items()}
+    return value
+
+
+def apply_reuse(model: nn.Module, config: ReuseConfig | None = None,
+                example_batch: Mapping[str, Any] | None = None) -> ReuseSuperNet:
+    """Wrap ``model``'s blocks with reuse gates; ``remove_reuse(model)`` undoes it.
+
+    ``example_batch`` fixes the sample shape (and conditioning) the costs are counted at; its
+    first element is used (costs are per sample). The model is frozen and put in eval mode.
+    """
+    config = config or ReuseConfig()
+    if example_batch is None or "noise" not in example_batch:
+        raise ValueError("apply_reuse needs an example batch with a 'noise' tensor (B, C, H, W) to count MACs")
+    adapter = get_reuse_adapter(model)
+    units = adapter.units(model, config.granularity, config.mode)
+    graph = adapter.graph(model, units, config.granularity)
+    null_class = config.null_class if config.null_class is not None else null_class_for(model)
+    x, kwargs = _example_call(example_batch, config, null_class)
+    total, per_unit = block_macs(model, [u.name for u in units], x, return_dict=False, **kwargs)
+    return ReuseSuperNet(model, config, units, graph, [per_unit[u.name] for u in units], total)

@@ -1,0 +1,208 @@
+"""One sampling loop for every diffusion denoiser dipgo touches.
+
+The full model, the reuse SuperNet (soft and hard gates), the installed SubNet and the baselines
+(fewer steps, another scheduler) all run through :func:`sample`, so a difference between their
+outputs can only come from the denoiser calls, never from two slightly different loops.
+
+The loop is plain PyTorch: no ``inference_mode`` inside, so the SuperNet can backpropagate through
+the whole trajectory into its gates. Classifier-free guidance batches the unconditional and the
+conditional half into one denoiser call (``[uncond, cond]``, diffusers' order), which is also what
+the reuse caches and the MACs count assume.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from torch import nn
+
+# (x (B', C, H, W), t (B',), conditioning kwargs) -> raw denoiser output (B', C_out, H, W)
+ModelFn = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
+
+_SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "ddim": (DDIMScheduler, {}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "euler": (EulerDiscreteScheduler, {}),
+}
+SCHEDULER_NAMES: tuple[str, ...] = tuple(_SCHEDULERS)
+
+# Conditioning keys of a batch that are passed to the denoiser (everything else is ignored).
+COND_KEYS: tuple[str, ...] = ("class_labels", "encoder_hidden_states", "added_cond_kwargs")
+
+
+def make_scheduler(name: str, base_config: Mapping[str, Any] | None = None, num_train_timesteps: int = 1000):
+    """Build a fresh scheduler by short name.
+
+    ``base_config`` is the model folder's ``scheduler_config.json`` (any diffusers scheduler's
+    config: the beta schedule and prediction type carry over between scheduler classes); without
+    it the diffusers defaults with ``num_train_timesteps`` are used. DDIM runs with eta 0 (the loop
+    never passes eta), DPM-Solver++ is the multistep ``dpmsolver++`` variant.
+    """
+    if name not in _SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}: expected one of {', '.join(SCHEDULER_NAMES)}")
+    cls, overrides = _SCHEDULERS[name]
+    if base_config is not None:
+        return cls.from_config(dict(base_config), **overrides)
+    return cls(num_train_timesteps=num_train_timesteps, **overrides)
+
+
+def make_model_fn(model: nn.Module) -> ModelFn:
+    """Adapt a diffusers denoiser to the loop's ``(x, t, cond) -> output`` convention.
+
+    The timestep is passed by keyword because its position differs between classes
+    (``UNet2DModel(sample, timestep)`` but ``PixArtTransformer2DModel(hidden_states,
+    encoder_hidden_states, timestep)``).
+    """
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        out = model(x, timestep=t, **cond, return_dict=False)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    return model_fn
+
+
+def null_class_for(model: nn.Module) -> int | None:
+    """Index of the "no class" label used for the unconditional half of CFG, or ``None``.
+
+    DiT's label embedding keeps its own null row at ``num_classes`` (``num_embeds_ada_norm``);
+    a class-conditional UNet trained with a dropped label uses the convention
+    ``num_class_embeds = K + 1`` with label ``K`` as the null class.
+    """
+    config = getattr(model, "config", {})
+    get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
+    if get("norm_type", None) == "ada_norm_zero" and get("num_embeds_ada_norm", None):
+        return int(get("num_embeds_ada_norm"))
+    if get("num_class_embeds", None):
+        return int(get("num_class_embeds")) - 1
+    return None
+
+
+def conditioning(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The denoiser kwargs of a batch (conditional half only)."""
+    return {k: batch[k] for k in COND_KEYS if batch.get(k) is not None}
+
+
+def unconditional(batch: Mapping[str, Any], null_class: int | None,
+                  negative: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Denoiser kwargs of the unconditional CFG half.
+
+    Class labels become ``null_class``. Text embeddings come from ``negative["encoder_hidden_states"]``
+    or the batch's ``negative_encoder_hidden_states``, else zeros (the usual "empty prompt"
+    stand-in for random-weight and calibration setups). SDXL's ``added_cond_kwargs`` come from
+    ``negative["added_cond_kwargs"]`` / ``negative_added_cond_kwargs``, else keep their
+    micro-conditioning (``time_ids``) with zeroed ``text_embeds``.
+    """
+    negative = negative or {}
+    batch = {**batch, **{f"negative_{k}": v for k, v in negative.items()}}
+    cond = conditioning(batch)
+    uncond: dict[str, Any] = {}
+    if "class_labels" in cond:
+        if null_class is None:
+            raise ValueError(
+                "guidance_scale > 1 with class labels needs a null class: pass null_class "
+                "(a UNet2DModel with num_class_embeds=K+1 uses label K)"
+            )
+        uncond["class_labels"] = torch.full_like(cond["class_labels"], null_class)
+    if "encoder_hidden_states" in cond:
+        neg = batch.get("negative_encoder_hidden_states")
+        uncond["encoder_hidden_states"] = neg if neg is not None else torch.zeros_like(cond["encoder_hidden_states"])
+    if "added_cond_kwargs" in cond:
+        neg = batch.get("negative_added_cond_kwargs")
+        if neg is None:
+            neg = {k: torch.zeros_like(v) if k == "text_embeds" else v for k, v in cond["added_cond_kwargs"].items()}
+        uncond["added_cond_kwargs"] = dict(neg)
+    return uncond
+
+
+def _cat_halves(a: Any, b: Any) -> Any:
+    """Concatenate two conditioning values along the batch dim (dicts per key, non-tensors kept)."""
+    if isinstance(a, Mapping):
+        return {k: _cat_halves(a[k], b[k]) for k in a}
+    if isinstance(a, torch.Tensor):
+        return torch.cat([a, b])
+    return a
+
+
+def model_inputs(
+    batch: Mapping[str, Any], guidance_scale: float, null_class: int | None,
+    negative: Mapping[str, Any] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """``(copies, cond)``: how many copies of the latent one call takes (2 with CFG) and its kwargs."""
+    cond = conditioning(batch)
+    if guidance_scale <= 1.0:
+        return 1, cond
+    uncond = unconditional(batch, null_class, negative)
+    return 2, {k: _cat_halves(uncond[k], cond[k]) for k in cond}
+
+
+def guided_eps(out: torch.Tensor, latent_channels: int, copies: int, guidance_scale: float) -> torch.Tensor:
+    """Model output -> the eps the scheduler steps with.
+
+    Learned-sigma models (``out_channels == 2 * in_channels``, DiT) return ``[eps, variance]``: the
+    deterministic samplers use eps only. With CFG: ``uncond + s * (cond - uncond)``.
+    """
+    if out.shape[1] == 2 * latent_channels:
+        out = out[:, :latent_channels]
+    if copies == 1:
+        return out
+    uncond, cond = out.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def _detach_scheduler_state(scheduler: Any) -> None:
+    """Cut the graph through multistep solvers' remembered outputs (truncated backprop)."""
+    outputs = getattr(scheduler, "model_outputs", None)
+    if isinstance(outputs, list):
+        scheduler.model_outputs = [o.detach() if isinstance(o, torch.Tensor) else o for o in outputs]
+
+
+def _step_kwargs(scheduler: Any) -> dict[str, Any]:
+    """``return_dict=False`` plus DDIM's eta=0 where the scheduler takes it."""
+    params = inspect.signature(scheduler.step).parameters
+    return {"return_dict": False, **({"eta": 0.0} if "eta" in params else {})}
+
+
+def sample(
+    model_fn: ModelFn,
+    scheduler: Any,
+    batch: Mapping[str, Any],
+    num_steps: int,
+    guidance_scale: float = 1.0,
+    *,
+    null_class: int | None = None,
+    negative: Mapping[str, Any] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    truncate_steps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the whole trajectory from ``batch["noise"]``; returns ``(final, eps_stack)``.
+
+    ``final`` is the last sample ``(B, C, H, W)``; ``eps_stack`` the guided model outputs of every
+    step ``(S, B, C, H, W)``. ``on_step(i)`` runs before the i-th denoiser call (the reuse runtime
+    uses it to know the step). ``truncate_steps=k`` detaches the latent and the solver state every k
+    steps (truncated backprop). ``null_class`` / ``negative`` (``{"encoder_hidden_states": ...,
+    "added_cond_kwargs": ...}``) define the unconditional half (see :func:`unconditional`).
+    Differentiable: nothing here disables autograd.
+    """
+    noise = batch["noise"]  # (B, C, H, W)
+    scheduler.set_timesteps(num_steps, device=noise.device)
+    copies, cond = model_inputs(batch, guidance_scale, null_class, negative)
+    step_kwargs = _step_kwargs(scheduler)
+    x = noise * scheduler.init_noise_sigma
+    eps_list: list[torch.Tensor] = []
+    for i, t in enumerate(scheduler.timesteps):
+        if truncate_steps and i > 0 and i % truncate_steps == 0:
+            x = x.detach()
+            _detach_scheduler_state(scheduler)
+        if on_step is not None:
+            on_step(i)
+        x_in = scheduler.scale_model_input(x, t)
+        x_in = torch.cat([x_in] * copies) if copies > 1 else x_in  # (copies*B, C, H, W)
+        t_in = t.reshape(1).expand(x_in.shape[0])  # (copies*B,)
+        eps = guided_eps(model_fn(x_in, t_in, cond), noise.shape[1], copies, guidance_scale)
+        eps_list.append(eps)
+        x = scheduler.step(eps, t, x, **step_kwargs)[0].to(noise.dtype)
+    return x, torch.stack(eps_list)
