@@ -1,0 +1,111 @@
+"""Calibration data as LightningDataModules, counter-based so that a resumed search is exact.
+
+Every item is a pure function of ``(seed, index)``: noises are drawn from a generator seeded by
+the pool index, and the pool items of optimisation step ``k`` are a pure function of ``(seed, k)`` (see
+:class:`StepSampler`), so a run resumed from its last checkpoint sees exactly the batches an
+uninterrupted run would have seen. Each item carries its pool ``index`` so the search module
+can cache the original model's outputs per item (the reference trajectory is computed once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def _generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from several integers (order matters, no collisions in practice)."""
+    seed = 0
+    for k in keys:
+        seed = (seed * 1_000_003 + int(k)) % (2**63 - 1)
+    return torch.Generator().manual_seed(seed)
+
+
+class NoisePool(Dataset):
+    """A fixed pool of Gaussian noises (and class labels) for a denoiser's calibration.
+
+    Item ``i``: ``{"index": i, "noise": (C, H, W), "class_labels": ()}`` (labels only when the
+    model is class-conditional; they cycle through the classes so every class is covered).
+    """
+
+    def __init__(self, size: int, shape: tuple[int, ...], seed: int, num_classes: int | None = None):
+        self.size, self.shape, self.seed, self.num_classes = size, tuple(shape), seed, num_classes
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        noise = torch.randn(self.shape, generator=_generator(self.seed, 17, index))  # (C, H, W)
+        item = {"index": torch.tensor(index), "noise": noise}
+        if self.num_classes:
+            item["class_labels"] = torch.tensor(index % self.num_classes)
+        return item
+
+
+class StepSampler(Sampler[int]):
+    """Pool indices for optimisation steps, as a pure function of the global step.
+
+    Step ``k`` takes stream positions ``k*B .. k*B+B-1``; position ``p`` is item
+    ``perm(seed, p // pool)[p % pool]``, so every pool item is visited once per pass, in an
+    order seeded by the pass. Each iteration starts at the trainer's *current* global step, read
+    when Lightning opens the dataloader (after a checkpoint is restored), so a resumed search
+    sees exactly the batches an uninterrupted one would have, whatever Lightning's epoch
+    bookkeeping does on a mid-epoch restart.
+    """
+
+    def __init__(self, pool_size: int, batch_size: int, steps: int, seed: int, current_step: Callable[[], int]):
+        self.pool_size, self.batch_size, self.steps, self.seed = pool_size, batch_size, steps, seed
+        self.current_step = current_step
+
+    def __len__(self) -> int:
+        return self.steps * self.batch_size
+
+    def index_at(self, position: int) -> int:
+        rounds, offset = divmod(position, self.pool_size)
+        return int(torch.randperm(self.pool_size, generator=_generator(self.seed, 29, rounds))[offset])
+
+    def __iter__(self) -> Iterator[int]:
+        start = self.current_step() * self.batch_size
+        return iter([self.index_at(p) for p in range(start, start + len(self))])
+
+
+class CalibrationDataModule(pl.LightningDataModule):
+    """Wraps any pool Dataset into epoch-seeded batches (diffusion noise, images, text)."""
+
+    def __init__(self, pool: Dataset, batch_size: int, steps_per_epoch: int, seed: int, num_workers: int = 0):
+        super().__init__()
+        self.pool, self.batch_size, self.seed = pool, batch_size, seed
+        self.steps_per_epoch, self.num_workers = steps_per_epoch, num_workers
+
+    def _global_step(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.global_step) if trainer is not None else 0
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = StepSampler(len(self.pool), self.batch_size, self.steps_per_epoch, self.seed, self._global_step)
+        return DataLoader(
+            self.pool,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            drop_last=True,
+        )
+
+
+def diffusion_datamodule(
+    sample_shape: tuple[int, ...], num_classes: int | None, data_cfg: Any, seed: int
+) -> CalibrationDataModule:
+    """The DataModule for denoisers: noise of ``sample_shape`` (C, H, W) + optional class labels."""
+    pool = NoisePool(data_cfg.pool_size, sample_shape, seed, num_classes)
+    return CalibrationDataModule(pool, data_cfg.batch_size, data_cfg.steps_per_epoch, seed, data_cfg.num_workers)
+
+
+def eval_batch(sample_shape: tuple[int, ...], num: int, num_classes: int | None, seed: int) -> dict[str, torch.Tensor]:
+    """A fixed evaluation batch (same noise for full model, plans and baselines)."""
+    pool = NoisePool(num, sample_shape, seed + 100_003, num_classes)
+    items = [pool[i] for i in range(num)]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}

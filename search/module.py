@@ -1,0 +1,162 @@
+"""The LightningModule that trains the pruner network while the SuperNet stays frozen.
+
+One optimisation step: the pruner turns its slot queries into two-way logits; straight-through
+Gumbel-softmax samples hard gates (forward = a real SubNet, backward = soft gradients); the
+SuperNet runs with those gates; the loss is the distortion against the original model's cached
+output plus a controlled cost penalty that drives the expected kept-MACs ratio to the target.
+
+The SuperNet is held outside ``nn.Module`` registration on purpose: checkpoints then hold the
+pruner alone (kilobytes, not the denoiser), and the frozen weights never reach the optimiser.
+Randomness is counter-based (Gumbel noise seeded by ``(seed, global_step)``), so a search
+resumed from a checkpoint ends with the same plan as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dipgo.losses.cost import CostConfig, CostController, cost_loss
+from dipgo.losses.distortion import DistortionConfig, distortion
+from dipgo.search.data import _generator
+from dipgo.search.pruner import PrunerConfig, PrunerNetwork, gumbel_gates, keep_probs, temperature
+from dipgo.supernets.gates import SuperNet
+
+
+def _dataclass_from(cls: type, node: DictConfig | dict | None) -> Any:
+    """Build a dataclass from a config node, keeping only the fields the dataclass has."""
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    names = set(cls.__dataclass_fields__)
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class SearchModule(pl.LightningModule):
+    """Trains a :class:`PrunerNetwork` over the slots of a frozen :class:`SuperNet`."""
+
+    def __init__(
+        self,
+        supernet: SuperNet,
+        search_cfg: DictConfig,
+        *,
+        seed: int,
+        max_steps: int,
+        pool: Any = None,
+        ref_chunk: int = 8,
+    ):
+        super().__init__()
+        self._supernet = (supernet,)  # a tuple hides it from nn.Module registration
+        self.search_cfg = search_cfg
+        self.seed, self.max_steps = seed, max_steps
+        self.target = float(search_cfg.target)
+        self.pruner_cfg: PrunerConfig = _dataclass_from(PrunerConfig, search_cfg.pruner)
+        self.distortion_cfg: DistortionConfig = _dataclass_from(DistortionConfig, search_cfg.distortion)
+        self.cost_cfg: CostConfig = _dataclass_from(CostConfig, search_cfg.cost)
+        self.pruner = PrunerNetwork(supernet.slots, self.pruner_cfg, grid=getattr(supernet, "grid_shape", None))
+        self.controller = CostController(self.cost_cfg)
+        self._ref_cache: dict[int, dict[str, torch.Tensor]] = {}
+        self._pool, self._ref_chunk = pool, ref_chunk
+
+    @property
+    def supernet(self) -> SuperNet:
+        return self._supernet[0]
+
+    # ---- the pruner's view -------------------------------------------------------------------
+    def logits(self) -> torch.Tensor:
+        """Current gate logits ``(N, 2)`` for the configured target."""
+        return self.pruner(torch.tensor(self.target)) if self.pruner_cfg.budget_conditioned else self.pruner()
+
+    @torch.no_grad()
+    def keep_probabilities(self) -> torch.Tensor:
+        """``(N,)`` keep probabilities after training, input to post-processing."""
+        return keep_probs(self.logits()).float().cpu()
+
+    # ---- training ----------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        """Compute the original model's outputs for the whole calibration pool, in pool order.
+
+        Fixed chunks in a fixed order make the cached references bit-identical whether a run is
+        fresh or resumed (batched kernels may round differently for other batch groupings).
+        """
+        if self._pool is None:
+            return
+        todo = [i for i in range(len(self._pool)) if i not in self._ref_cache]
+        for start in range(0, len(todo), self._ref_chunk):
+            items = [self._pool[i] for i in todo[start : start + self._ref_chunk]]
+            batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+            self._reference(batch)
+
+    def _reference(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Original-model outputs for the batch, computed once per calibration item and cached."""
+        indices = batch["index"].tolist()
+        missing = [i for i, idx in enumerate(indices) if idx not in self._ref_cache]
+        if missing:
+            sub = {k: v[missing] for k, v in batch.items() if k != "index" and torch.is_tensor(v)}
+            with torch.no_grad():
+                ref = self.supernet.reference(sub)
+            for j, i in enumerate(missing):
+                self._ref_cache[indices[i]] = {k: _item(v, j, k) for k, v in ref.items()}
+        keys = self._ref_cache[indices[0]].keys()
+        return {k: _stack([self._ref_cache[idx][k] for idx in indices], k) for k in keys}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        step = int(self.global_step)
+        logits = self.logits()  # (N, 2)
+        tau = temperature(step, self.max_steps, self.pruner_cfg)
+        gen = _generator(self.seed, 41, step)
+        gates = gumbel_gates(logits, tau, self.pruner_cfg.hard, gen).to(logits.dtype)  # (N,)
+        reference = self._reference(batch)
+        inputs = {k: v for k, v in batch.items() if k != "index"}
+        gated = self.supernet.gated(inputs, gates)
+        terms = distortion(gated, reference, self.distortion_cfg)
+        probs = keep_probs(logits)  # (N,)
+        expected = self.supernet.expected_cost(probs)
+        lam = self.controller.value
+        penalty = cost_loss(expected, self.target, 1.0, self.cost_cfg.mode)
+        loss = terms["total"] + lam * penalty
+        self.controller.update(float(expected.detach()), self.target)
+
+        hard_cost = self.supernet.expected_cost((probs > 0.5).to(probs.dtype))
+        log = {f"loss/{k}": v.detach() for k, v in terms.items()}
+        log.update(
+            {
+                "loss/cost_penalty": penalty.detach(),
+                "loss/total": loss.detach(),
+                "cost/expected": expected.detach(),
+                "cost/hard_at_0.5": hard_cost.detach(),
+                "cost/target": torch.tensor(self.target),
+                "cost/lambda": torch.tensor(lam),
+                "gates/mean_keep_prob": probs.mean().detach(),
+                "gates/frac_closed_sampled": (gates < 0.5).float().mean(),
+                "gates/frac_undecided": ((probs > 0.1) & (probs < 0.9)).float().mean(),
+                "tau": torch.tensor(tau),
+            }
+        )
+        self.log_dict(log, on_step=True, prog_bar=False, batch_size=int(batch["index"].shape[0]))
+        self.log("cost", expected.detach(), prog_bar=True, on_step=True, batch_size=1)
+        self.log("dist", terms["total"].detach(), prog_bar=True, on_step=True, batch_size=1)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(
+            self.pruner.parameters(), lr=float(self.search_cfg.lr), weight_decay=float(self.search_cfg.weight_decay)
+        )
+
+    # ---- exact resume: the controller's multiplier is state too --------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dipgo_cost_controller"] = self.controller.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "dipgo_cost_controller" in checkpoint:
+            self.controller.load_state_dict(checkpoint["dipgo_cost_controller"])
+
+
+def _item(value: torch.Tensor, j: int, key: str) -> torch.Tensor:
+    """Slice item ``j`` out of a batched reference output (``eps`` is step-major: ``(S, B, ...)``)."""
+    return value[:, j].clone() if key == "eps" else value[j].clone()
+
+
+def _stack(values: list[torch.Tensor], key: str) -> torch.Tensor:
+    return torch.stack(values, dim=1 if key == "eps" else 0)

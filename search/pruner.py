@@ -1,0 +1,354 @@
+"""The pruner network: learnable queries, one per gate slot, mapped to keep/close logits.
+
+DiP-GO does not learn each gate as an independent free parameter. It plugs a small *pruner
+network* next to the frozen SuperNet: every gate gets a learnable query, a transformer lets the
+queries exchange information (so the decision for block 3 at step 12 can depend on what was
+decided for its neighbours), and a head turns each query into two-way logits. Gradients from the
+distortion and cost losses flow into this network only; the wrapped model stays frozen.
+
+This module generalises that design to every gate kind:
+
+* queries are indexed by :class:`~dipgo.supernets.gates.GateSlot` order (logits ``(N, 2)``),
+* ``reuse`` searches pass ``grid=(S, B)`` so the queries are factorised as step embedding +
+  block embedding + a per-slot residual: neighbouring steps share parameters and information,
+* a ``slot_kind_embedding`` and a cost feature let one pruner serve a joint search of several
+  kinds, where slots of very different nature and price sit in one sequence,
+* an optional budget embedding lets one trained pruner produce plans for a range of budgets.
+
+The sampled gates use a straight-through Gumbel-softmax (:func:`gumbel_gates`): the forward
+pass sees hard 0/1 decisions, exactly the SubNet that post-processing will build, while the
+backward pass uses the gradient of the relaxed sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from dipgo.supernets.gates import GATE_KINDS, GateSlot
+
+TAU_SCHEDULES: tuple[str, ...] = ("cosine", "linear", "exp")
+
+# Index 0 of the last logit axis means "close / reuse", index 1 means "compute / keep".
+CLOSE, KEEP = 0, 1
+
+
+@dataclass
+class PrunerConfig:
+    """Hyper-parameters of :class:`PrunerNetwork` and of its Gumbel temperature schedule."""
+
+    d_model: int = 64
+    """Width of the slot queries and of the transformer across slots."""
+    num_layers: int = 2
+    """Transformer encoder layers; 0 turns the pruner into independent per-slot logits + MLP."""
+    num_heads: int = 4
+    """Attention heads; must divide ``d_model``."""
+    dropout: float = 0.0
+    """Dropout inside the transformer. 0 keeps the search deterministic given the seed."""
+    init_keep_logit: float = 3.0
+    """Initial logit gap keep-minus-close: every slot starts at p(keep) = sigmoid(this), i.e. the
+    search starts from "compute everything", the original model, and closes gates from there."""
+    tau_start: float = 1.0
+    """Gumbel-softmax temperature at step 0 (soft samples, exploratory gradients)."""
+    tau_end: float = 0.1
+    """Temperature at the last step (near-hard samples, faithful to the final SubNet)."""
+    tau_schedule: str = "cosine"
+    """How the temperature moves from ``tau_start`` to ``tau_end``: cosine, linear or exp."""
+    budget_conditioned: bool = False
+    """Add an embedding of the target budget to every query, so one trained pruner yields
+    plans for a range of budgets; ``forward`` then requires ``budget``."""
+    hard: bool = True
+    """Straight-through gates: forward uses hard 0/1 decisions, backward the soft sample."""
+    slot_logit_scale: float = 10.0
+    """Multiplier of each slot's own free logit (added to the network's output). Adam moves every
+    parameter by about ``lr`` per step, so a plain free logit could travel only ~2 units in 200
+    steps at lr 1e-2, too little to close a gate that starts at +3; the multiplier (a
+    re-parametrisation) lets each slot's decision move ~10x faster and independently of the
+    others, while the shared network supplies structure across slots and the budget
+    conditioning. 0 disables the free logits (network only)."""
+    logit_l2: float = 1e-3
+    """Weight of :meth:`PrunerNetwork.regularizer`, a small L2 penalty on the keep-minus-close
+    logit gap that the search loop adds to its loss. Without it Adam drives logits to +-20,
+    where sigmoid gradients vanish and the gates freeze before the budget is met; with it gaps
+    settle around 5 to 7 (p ~ 0.995), decided yet still movable."""
+
+    def __post_init__(self) -> None:
+        if self.d_model < 1 or self.num_heads < 1 or self.d_model % self.num_heads != 0:
+            raise ValueError(
+                f"pruner.d_model must be a positive multiple of pruner.num_heads; "
+                f"got d_model={self.d_model}, num_heads={self.num_heads}"
+            )
+        if self.num_layers < 0:
+            raise ValueError(f"pruner.num_layers must be >= 0; got {self.num_layers}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"pruner.dropout must be in [0, 1); got {self.dropout}")
+        if not (self.tau_start > 0 and self.tau_end > 0):
+            raise ValueError(
+                f"pruner.tau_start and pruner.tau_end must be > 0; got {self.tau_start}, {self.tau_end}"
+            )
+        if self.slot_logit_scale < 0 or self.logit_l2 < 0:
+            raise ValueError(
+                f"pruner.slot_logit_scale and pruner.logit_l2 must be >= 0; "
+                f"got {self.slot_logit_scale}, {self.logit_l2}"
+            )
+        if self.tau_schedule not in TAU_SCHEDULES:
+            raise ValueError(
+                f"pruner.tau_schedule must be one of {', '.join(TAU_SCHEDULES)}; got {self.tau_schedule!r}"
+            )
+
+
+def _check_grid(slots: Sequence[GateSlot], grid: tuple[int, int]) -> None:
+    """Reject a grid that does not describe the slots in step-major order.
+
+    A wrong grid would silently tie unrelated slots to the same step/block embedding, so we
+    check the contract: ``N == S * B``, one step value per row, one block per column.
+    """
+    steps, blocks = grid
+    if steps < 1 or blocks < 1 or steps * blocks != len(slots):
+        raise ValueError(
+            f"pruner grid (steps={steps}, blocks={blocks}) must multiply to the number of slots "
+            f"({len(slots)})"
+        )
+    for s in range(steps):
+        row = slots[s * blocks : (s + 1) * blocks]
+        if len({slot.step for slot in row}) != 1:
+            raise ValueError(
+                f"pruner grid expects slots in step-major order, but row {s} mixes steps "
+                f"{sorted({str(slot.step) for slot in row})}"
+            )
+        for b, slot in enumerate(row):
+            if slot.block != slots[b].block:
+                raise ValueError(
+                    f"pruner grid expects the same block order in every step; slot {slot.name!r} "
+                    f"has block {slot.block!r} where {slots[b].block!r} was expected"
+                )
+
+
+def _kind_index(slots: Sequence[GateSlot]) -> Tensor:
+    """Slot kinds as indices into ``GATE_KINDS``."""
+    unknown = sorted({s.kind for s in slots} - set(GATE_KINDS))
+    if unknown:
+        raise ValueError(f"unknown gate kind(s) {unknown}; accepted: {', '.join(GATE_KINDS)}")
+    return torch.tensor([GATE_KINDS.index(s.kind) for s in slots], dtype=torch.long)  # (N,)
+
+
+def _cost_feature(slots: Sequence[GateSlot]) -> Tensor:
+    """Log of each slot's cost relative to the mean slot cost, ``(N, 1)``.
+
+    Scale-free (MACs of a UNet and of a toy MLP give the same feature range) and 0 for an
+    average slot, so the feature only nudges the queries.
+    """
+    cost = torch.tensor([max(float(s.cost), 0.0) for s in slots], dtype=torch.float32)  # (N,)
+    mean = cost.mean()
+    if mean <= 0:
+        return torch.zeros(len(slots), 1)
+    return rearrange(torch.log((cost + 1e-3 * mean) / mean), "n -> n 1")  # (N, 1)
+
+
+class PrunerNetwork(nn.Module):
+    """Maps learnable per-slot queries to two-way gate logits ``(N, 2)``.
+
+    Args:
+        slots: the SuperNet's gate slots; their order is the order of the output logits.
+        config: network and temperature hyper-parameters.
+        grid: ``(S, B)`` for ``reuse`` gates laid out step-major (``N == S * B``); the queries
+            are then ``step_embedding[s] + block_embedding[b] + slot_residual[s*B + b]``, so that
+            what is learnt for one step transfers to its neighbours. ``None``: one free query
+            per slot.
+    """
+
+    def __init__(
+        self,
+        slots: Sequence[GateSlot],
+        config: PrunerConfig,
+        grid: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if len(slots) == 0:
+            raise ValueError("the pruner needs at least one gate slot; the SuperNet has none")
+        if grid is not None:
+            _check_grid(slots, grid)
+        self.slots = list(slots)
+        self.config = config
+        self.grid = grid
+        d = config.d_model
+        self._build_queries(len(slots), d, grid)
+        self.slot_kind_embedding = nn.Embedding(len(GATE_KINDS), d)
+        nn.init.normal_(self.slot_kind_embedding.weight, std=0.02)
+        self.register_buffer("kind_index", _kind_index(slots), persistent=False)  # (N,)
+        self.cost_embedding = nn.Linear(1, d)
+        nn.init.zeros_(self.cost_embedding.bias)  # an average-cost slot gets no offset
+        self.register_buffer("cost_feature", _cost_feature(slots), persistent=False)  # (N, 1)
+        self.budget_embedding = self._build_budget_embedding(d) if config.budget_conditioned else None
+        self.encoder = self._build_encoder(config)
+        self.head = self._build_head(d, config.init_keep_logit)
+        self.slot_logit = nn.Parameter(torch.zeros(len(slots)))  # (N,), scaled by slot_logit_scale
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.slots)
+
+    def _build_queries(self, n: int, d: int, grid: tuple[int, int] | None) -> None:
+        """Learnable queries: free ``(N, D)`` or factorised step + block + residual."""
+        if grid is None:
+            # Unit scale (as nn.Embedding): the queries are what tells slots apart; tiny queries
+            # would be drowned by the shared attention output and every slot would collapse
+            # to the same logits.
+            self.queries = nn.Parameter(torch.randn(n, d))  # (N, D)
+            return
+        steps, blocks = grid
+        # Each half of unit variance, so step + block has unit scale like free queries.
+        self.step_embedding = nn.Parameter(torch.randn(steps, d) * 0.5**0.5)  # (S, D)
+        self.block_embedding = nn.Parameter(torch.randn(blocks, d) * 0.5**0.5)  # (B, D)
+        # Starts at zero: slots begin fully tied to their step and block, and only become
+        # individual where the losses ask for it.
+        self.slot_residual = nn.Parameter(torch.zeros(n, d))  # (N, D)
+
+    @staticmethod
+    def _build_budget_embedding(d: int) -> nn.Module:
+        """MLP on ``[budget, log budget]``: log spreads the small budgets apart."""
+        return nn.Sequential(nn.Linear(2, d), nn.GELU(), nn.Linear(d, d))
+
+    @staticmethod
+    def _build_encoder(config: PrunerConfig) -> nn.Module:
+        if config.num_layers == 0:
+            return nn.Identity()
+        layer = nn.TransformerEncoderLayer(
+            d_model=config.d_model,
+            nhead=config.num_heads,
+            dim_feedforward=4 * config.d_model,
+            dropout=config.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        # norm_first layers have no final norm of their own; the head starts with one.
+        return nn.TransformerEncoder(layer, num_layers=config.num_layers, enable_nested_tensor=False)
+
+    @staticmethod
+    def _build_head(d: int, init_keep_logit: float) -> nn.Sequential:
+        """LayerNorm -> MLP -> two logits, initialised to "compute everything".
+
+        The last layer's weight is zero and its bias is ``[0, init_keep_logit]``, so every slot
+        starts at p(keep) = sigmoid(init_keep_logit) whatever the queries are: the search
+        begins at the original model. Its weight still receives gradients on the first step
+        (the hidden activations are not zero), so learning starts immediately.
+        """
+        last = nn.Linear(d, 2)
+        nn.init.zeros_(last.weight)
+        with torch.no_grad():
+            last.bias.copy_(torch.tensor([0.0, init_keep_logit]))
+        return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), last)
+
+    def slot_queries(self) -> Tensor:
+        """The per-slot queries before the budget and the transformer, ``(N, D)``."""
+        if self.grid is None:
+            q = self.queries  # (N, D)
+        else:
+            grid_q = rearrange(self.step_embedding, "s d -> s 1 d") + rearrange(
+                self.block_embedding, "b d -> 1 b d"
+            )  # (S, B, D)
+            q = rearrange(grid_q, "s b d -> (s b) d") + self.slot_residual  # (N, D)
+        return q + self.slot_kind_embedding(self.kind_index) + self.cost_embedding(self.cost_feature)
+
+    def _budget_vector(self, budget: Tensor | float | None, like: Tensor) -> Tensor:
+        """Embedding of the target budget, ``(D,)``; validates the value."""
+        if budget is None:
+            raise ValueError(
+                "this pruner is budget-conditioned: call it with the target budget in (0, 1]"
+            )
+        b = torch.as_tensor(budget, dtype=like.dtype, device=like.device).reshape(-1)
+        if b.numel() != 1 or not (0.0 < float(b) <= 1.0):
+            raise ValueError(f"pruner budget must be one number in (0, 1]; got {budget!r}")
+        features = torch.cat([b, torch.log(b)])  # (2,)
+        return self.budget_embedding(features)  # (D,)
+
+    def forward(self, budget: Tensor | float | None = None) -> Tensor:
+        """Two-way gate logits ``(N, 2)``: index 0 = close/reuse, index 1 = compute/keep.
+
+        ``budget`` (target kept-cost ratio in (0, 1]) is required when the pruner is
+        budget-conditioned and ignored otherwise.
+        """
+        q = self.slot_queries()  # (N, D)
+        if self.budget_embedding is not None:
+            q = q + self._budget_vector(budget, q)  # (N, D) + (D,)
+        h = self.encoder(rearrange(q, "n d -> 1 n d"))  # (1, N, D)
+        logits = self.head(rearrange(h, "1 n d -> n d"))  # (N, 2)
+        free = self.config.slot_logit_scale * self.slot_logit  # (N,)
+        return logits + torch.stack([torch.zeros_like(free), free], dim=-1)  # (N, 2)
+
+    def regularizer(self, logits: Tensor) -> Tensor:
+        """``logit_l2 * logit_penalty(logits)``: add it to the search loss (see ``PrunerConfig``)."""
+        return self.config.logit_l2 * logit_penalty(logits)
+
+
+def keep_probs(logits: Tensor) -> Tensor:
+    """p(keep) per slot, ``(N,)``, from two-way logits ``(N, 2)``.
+
+    The deterministic, low-variance gate values: use them for the expected cost and for
+    post-processing (ranking slots), while the distortion sees sampled gates.
+    """
+    return torch.softmax(logits, dim=-1)[..., KEEP]  # (N,)
+
+
+def logit_penalty(logits: Tensor) -> Tensor:
+    """Mean squared keep-minus-close logit gap, a scalar: keeps gates decided but not frozen."""
+    gap = logits[..., KEEP] - logits[..., CLOSE]  # (N,)
+    return gap.pow(2).mean()
+
+
+def gumbel_gates(
+    logits: Tensor,
+    tau: float,
+    hard: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Sample keep values ``(N,)`` with a (straight-through) Gumbel-softmax.
+
+    With ``hard=True`` the forward value is exactly 0.0 or 1.0, so the SuperNet computes the
+    very SubNet the sample describes (no "half-computed" blocks the real SubNet cannot
+    reproduce); the backward pass uses the gradient of the soft sample
+    ``softmax((logits + g) / tau)[:, 1]``. With ``hard=False`` the soft sample itself is returned.
+
+    The Gumbel noise is drawn with ``torch.rand(..., generator=generator)`` instead of
+    ``F.gumbel_softmax`` (which takes no generator): the search loop seeds a generator from
+    ``(seed, global_step)`` so a resumed run draws exactly the same gates.
+    """
+    if logits.ndim != 2 or logits.shape[-1] != 2:
+        raise ValueError(f"gumbel_gates expects logits of shape (N, 2); got {tuple(logits.shape)}")
+    if tau <= 0:
+        raise ValueError(f"Gumbel temperature must be > 0; got {tau}")
+    device = generator.device if generator is not None else logits.device
+    u = torch.rand(logits.shape, generator=generator, device=device, dtype=logits.dtype)  # (N, 2)
+    tiny = torch.finfo(logits.dtype).tiny
+    noise = -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 1e-7)))  # Gumbel(0, 1), (N, 2)
+    soft = torch.softmax((logits + noise.to(logits.device)) / tau, dim=-1)[:, KEEP]  # (N,)
+    if not hard:
+        return soft
+    hard_keep = (soft > 0.5).to(soft.dtype)  # argmax of two classes, (N,)
+    return hard_keep - soft.detach() + soft  # value of hard, gradient of soft
+
+
+def temperature(step: int, total_steps: int, config: PrunerConfig) -> float:
+    """Gumbel temperature at ``step`` of ``total_steps``: ``tau_start`` at 0, ``tau_end`` at the end.
+
+    Annealing moves the relaxed samples from soft (informative gradients for every slot)
+    to near-hard (the gradient describes the SubNet that will actually be built). Steps past
+    the end keep ``tau_end``.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1; got {total_steps}")
+    t = min(max(step / total_steps, 0.0), 1.0)
+    start, end = config.tau_start, config.tau_end
+    if config.tau_schedule == "cosine":
+        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if config.tau_schedule == "linear":
+        return start + (end - start) * t
+    if config.tau_schedule == "exp":
+        return start * (end / start) ** t
+    raise ValueError(f"pruner.tau_schedule must be one of {', '.join(TAU_SCHEDULES)}; got {config.tau_schedule!r}")

@@ -1,0 +1,166 @@
+"""The search entry point: config -> model -> SuperNet -> Lightning -> plan -> report.
+
+Order matters for safety: everything that can be refused (config, model, adapter, resume
+folder) is checked before a run directory is claimed, so a refused run never creates or touches
+a folder; the plan and report are written atomically at the very end, so a crashed run never
+leaves a half-written plan.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+from dipgo.postprocess.plan import Plan, write_bytes_atomic, write_json_atomic
+from dipgo.search.compose import ConfigError, validate_config
+from dipgo.search.module import SearchModule
+from dipgo.search.progress import StepProgressBar
+from dipgo.search.tasks import get_task
+from dipgo.search.tracking import finish, log_images, log_summary, make_loggers
+
+CHECKPOINT_DIR = "checkpoints"
+LAST_CKPT = "last.ckpt"
+
+
+@dataclass
+class RunResult:
+    """What a finished search leaves behind (all of it also on disk in ``run_dir``)."""
+
+    run_dir: Path
+    plan: Plan
+    report: dict[str, Any]
+    summary: list[str] = field(default_factory=list)
+
+
+def claim_run_dir(cfg: DictConfig) -> Path:
+    """Create a fresh ``<runs_root>/<recipe>/<timestamp>/`` (or ``cfg.run_dir``); never reuse one."""
+    if cfg.run_dir:
+        path = Path(cfg.run_dir)
+        if path.exists():
+            raise ConfigError(f"run_dir {path} already exists; choose a new folder or use resume={path}")
+        path.mkdir(parents=True)
+        return path
+    parent = Path(cfg.runs_root) / cfg.recipe_name
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for suffix in [""] + [f"-{i}" for i in range(1, 1000)]:
+        path = parent / f"{stamp}{suffix}"
+        try:
+            path.mkdir()  # atomic claim: two searches started in the same second get different folders
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not claim a run directory under {parent}")
+
+
+def load_resume(resume: str | Path) -> tuple[DictConfig, Path, Path]:
+    """Config, run folder and last checkpoint of a run to continue."""
+    run_dir = Path(resume)
+    cfg_path, ckpt = run_dir / "config.yaml", run_dir / CHECKPOINT_DIR / LAST_CKPT
+    if not cfg_path.is_file():
+        raise ConfigError(f"resume={run_dir} is not a dipgo run directory (no config.yaml in it)")
+    if not ckpt.is_file():
+        raise ConfigError(f"resume={run_dir} has no checkpoint to continue from ({CHECKPOINT_DIR}/{LAST_CKPT} is missing)")
+    from dipgo.search.compose import compose_config
+
+    base, _ = compose_config()
+    cfg = OmegaConf.merge(base, OmegaConf.load(cfg_path))
+    cfg.resume = None
+    validate_config(cfg)
+    return cfg, run_dir, ckpt
+
+
+def run_search(
+    cfg: DictConfig,
+    *,
+    callbacks: Sequence[Callback] = (),
+    quiet: bool = False,
+) -> RunResult:
+    """Run one search end to end and return its plan and report.
+
+    ``cfg`` is a composed config (see :func:`dipgo.search.compose.compose_config`); when
+    ``cfg.resume`` names a run directory, that run continues from its last checkpoint in place.
+    """
+    ckpt_path: Path | None = None
+    if cfg.resume:
+        cfg, run_dir, ckpt_path = load_resume(cfg.resume)
+    from dipgo.models.registry import load_model
+
+    task = get_task(cfg.supernet.kind)
+    loaded = load_model(cfg.model.name, **({"subfolder": cfg.model.subfolder} if cfg.model.subfolder else {}))
+    supernet = task.build(loaded, cfg)
+    datamodule = task.datamodule(loaded, supernet, cfg)
+    if ckpt_path is None:
+        run_dir = claim_run_dir(cfg)
+        write_bytes_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = SearchModule(
+        supernet,
+        cfg.search,
+        seed=cfg.seed,
+        max_steps=cfg.trainer.max_steps,
+        pool=getattr(datamodule, "pool", None),
+        ref_chunk=cfg.data.batch_size,
+    )
+    loggers = make_loggers(cfg, run_dir, run_name=f"{cfg.recipe_name}/{run_dir.name}")
+    checkpoint = ModelCheckpoint(
+        dirpath=str(run_dir / CHECKPOINT_DIR),
+        save_last=True,
+        save_top_k=1,
+        every_n_train_steps=cfg.trainer.checkpoint_every_n_steps,
+    )
+    trainer = pl.Trainer(
+        max_steps=cfg.trainer.max_steps,
+        max_epochs=-1,
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        strategy=cfg.trainer.strategy,
+        num_nodes=cfg.trainer.num_nodes,
+        precision=cfg.trainer.precision,
+        log_every_n_steps=min(cfg.trainer.log_every_n_steps, cfg.data.steps_per_epoch),
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        enable_progress_bar=cfg.trainer.enable_progress_bar and not quiet,
+        enable_model_summary=False,
+        logger=loggers or False,
+        callbacks=[checkpoint, *([StepProgressBar()] if cfg.trainer.enable_progress_bar and not quiet else []), *callbacks],
+        default_root_dir=str(run_dir),
+        num_sanity_val_steps=0,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    search_s = time.perf_counter() - t0
+
+    probs = module.keep_probabilities()
+    plan = task.extract_plan(probs, supernet, cfg)
+    plan.meta.update({"recipe": cfg.recipe_name, "seed": cfg.seed, "search_seconds": round(search_s, 2)})
+    if not trainer.is_global_zero:
+        return RunResult(run_dir, plan, {})
+    plan.save(run_dir / "plan.json")
+    report, plots = task.evaluate(loaded, supernet, plan, cfg, run_dir)
+    report = {"recipe": cfg.recipe_name, "run_dir": str(run_dir), "search_seconds": round(search_s, 2), **report}
+    report["plots"] = {k: str(Path(p).relative_to(run_dir)) for k, p in plots.items()}
+    write_json_atomic(run_dir / "report.json", report)
+    log_images(loggers, plots)
+    log_summary(loggers, _flat(report))
+    finish(loggers)
+    return RunResult(run_dir, plan, report, task.summary_lines(report))
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "/"))
+        else:
+            out[key] = v
+    return out
