@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,17 +64,79 @@ def _with_plan(run: Callable[..., torch.Tensor], model: torch.nn.Module, plan: P
     return planned
 
 
-def baseline_variants(plan: Plan, names: list[str]) -> dict[str, dict[str, Any]]:
-    """Baselines at (about) the plan's MACs: ``{name: {"num_steps": k, "macs_ratio": k/S}}``."""
-    out: dict[str, dict[str, Any]] = {}
-    steps = int(plan.num_steps or 1)
+@dataclass
+class Variant:
+    """One way of sampling the evaluation batch: the full model, the dipgo plan or a baseline."""
+
+    name: str
+    label: str
+    macs_ratio: float
+    run: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _plan_runner(run: Callable[..., torch.Tensor], model: torch.nn.Module, plan: Plan, steps: int) -> Callable:
+    planned = _with_plan(run, model, plan)
+    return lambda batch: planned(batch, steps)
+
+
+def _cache_runner(run: Callable[..., torch.Tensor], model: torch.nn.Module, name: str, steps: int,
+                  params: dict[str, Any]) -> Callable:
+    from dipgo.postprocess.reuse_baselines import diffusers_cache_variant
+
+    def cached(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with diffusers_cache_variant(model, name, count_executions=False, **params):
+            return run(batch, steps)
+
+    return cached
+
+
+def build_variants(
+    loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run: Callable[..., torch.Tensor],
+    calib: dict[str, torch.Tensor], probe: dict[str, torch.Tensor],
+) -> tuple[list[Variant], dict[str, str]]:
+    """Full model, dipgo plan and every configured baseline, at (about) the plan's MACs.
+
+    Plan baselines need the SuperNet installed (costs, cascade, change scores); this function
+    removes it before building the variants that run on the plain model.
+    """
+    from dipgo.postprocess.reuse_baselines import (
+        DIFFUSERS_CACHES,
+        PLAN_BASELINES,
+        baseline_plans,
+        diffusers_cache_reason,
+        measure_cache_variant,
+    )
+
+    model, steps = loaded.model, int(plan.num_steps)
+    names = list(cfg.report.baselines)
+    plans, skipped = baseline_plans(supernet, plan.cost_ratio, [n for n in names if n in PLAN_BASELINES],
+                                    calib_batch=calib, seed=cfg.report.eval_seed)
+    supernet.remove()
+    variants = [
+        Variant("full", "full", 1.0, lambda b: run(b, steps)),
+        Variant("dipgo", "dipgo", plan.cost_ratio, _plan_runner(run, model, plan, steps)),
+    ]
     for name in names:
         if name == "fewer_steps":
             k = max(1, min(steps, round(plan.cost_ratio * steps)))
-            out[name] = {"num_steps": k, "macs_ratio": k / steps, "label": f"{k}-step {plan.meta.get('scheduler', '')}".strip()}
-        else:
-            raise ValueError(f"unknown baseline {name!r}; available: fewer_steps")
-    return out
+            variants.append(Variant(name, f"{k}-step {cfg.supernet.scheduler}", k / steps,
+                                    (lambda k: lambda b: run(b, k))(k), {"num_steps": k}))
+        elif name in plans:
+            p = plans[name]
+            variants.append(Variant(name, p.meta.get("label", name), p.cost_ratio,
+                                    _plan_runner(run, model, p, steps), {"params": p.meta.get("params")}))
+        elif name in DIFFUSERS_CACHES:
+            params = {"guidance_scale": cfg.supernet.guidance_scale} if name == "faster_cache" else {}
+            reason = diffusers_cache_reason(model, name, **params)
+            if reason is not None:
+                skipped[name] = reason
+                continue
+            measured = measure_cache_variant(model, name, lambda: run(probe, steps), **params)
+            variants.append(Variant(name, f"diffusers {name}", measured["macs_ratio"],
+                                    _cache_runner(run, model, name, steps, params),
+                                    {"executed_fraction": measured["executed_fraction"]}))
+    return variants, skipped
 
 
 def _digits_judge(loaded: Any) -> tuple[Any, torch.Tensor] | None:
@@ -102,75 +165,69 @@ def evaluate_reuse(
     shape, num_classes = sample_spec(model)
     sched_cfg = dict(loaded.scheduler.config) if getattr(loaded, "scheduler", None) is not None else None
     run = _sampler(model, cfg, sched_cfg)
-    planned = _with_plan(run, model, plan)
-    steps = int(plan.num_steps)
-    baselines = baseline_variants(plan, list(cfg.report.baselines))
 
-    batch = eval_batch(shape, cfg.report.num_samples, num_classes, cfg.report.eval_seed)
-    batch.pop("index")
-    labels = batch.get("class_labels")
-    # the SubNet (hooks on the plain model) must reproduce the SuperNet's hard-gated trajectory;
-    # sample the SuperNet first, then take its gates off so the plain model is measured
+    batch = _batch(eval_batch(shape, cfg.report.num_samples, num_classes, cfg.report.eval_seed))
+    calib = _batch(eval_batch(shape, min(8, cfg.report.num_samples), num_classes, cfg.report.eval_seed + 7))
+    # the SubNet (hooks on the plain model) must reproduce the SuperNet's hard-gated trajectory
     grid = torch.tensor(plan.compute, dtype=torch.bool)
     with torch.no_grad():
         supernet_hard = supernet.sample(batch, grid)
-    supernet.remove()
-    samples = {"full": run(batch, steps), "dipgo": planned(batch, steps)}
-    for name, spec in baselines.items():
-        samples[name] = run(batch, spec["num_steps"])
+    variants, skipped = build_variants(loaded, supernet, plan, cfg, run, calib, calib)
+    samples = {v.name: v.run(batch) for v in variants}
     consistency = float((supernet_hard - samples["dipgo"]).abs().max())
 
     judge = _digits_judge(loaded)
+    labels = batch.get("class_labels")
     fidelity: dict[str, dict[str, float]] = {}
-    for name, x in samples.items():
-        if name == "full":
-            continue
-        kw: dict[str, Any] = {}
-        if judge is not None:
-            kw = {"classifier": judge[0], "real_features": judge[1], "labels": labels}
-        fidelity[name] = image_fidelity(x, samples["full"], **kw)
+    for v in variants[1:]:
+        kw = {"classifier": judge[0], "real_features": judge[1], "labels": labels} if judge else {}
+        fidelity[v.name] = image_fidelity(samples[v.name], samples["full"], **kw)
 
-    lat_batch = {k: v[: cfg.report.latency_batch] for k, v in batch.items()}
-    fns = {"full": lambda: run(lat_batch, steps), "dipgo": lambda: planned(lat_batch, steps)}
-    for name, spec in baselines.items():
-        fns[name] = (lambda k: (lambda: run(lat_batch, k)))(spec["num_steps"])
+    lat_batch = {k: t[: cfg.report.latency_batch] for k, t in batch.items()}
+    fns = {v.name: (lambda v: lambda: v.run(lat_batch))(v) for v in variants}
     latency = compare_latency(fns, warmup=cfg.report.latency_warmup, runs=cfg.report.latency_runs)
 
-    macs_ratio = {"full": 1.0, "dipgo": plan.cost_ratio} | {n: s["macs_ratio"] for n, s in baselines.items()}
-    variants = []
-    for name in samples:
-        fid = fidelity.get(name, {})
-        variants.append(
+    rows = []
+    for v in variants:
+        rows.append(
             {
-                "name": name,
-                "label": baselines.get(name, {}).get("label", name),
-                "macs_ratio": macs_ratio[name],
-                "macs_speedup": 1.0 / macs_ratio[name],
-                "latency_median_s": latency[name].median_s,
-                "speedup": speedup(latency["full"], latency[name]),
-                **{k: _finite(v) for k, v in fid.items()},
+                "name": v.name,
+                "label": v.label,
+                "macs_ratio": v.macs_ratio,
+                "macs_speedup": 1.0 / v.macs_ratio,
+                "latency_median_s": latency[v.name].median_s,
+                "speedup": speedup(latency["full"], latency[v.name]),
+                **{k: _finite(x) for k, x in fidelity.get(v.name, {}).items()},
+                **v.info,
             }
         )
-    full_fd = fidelity["dipgo"].get("fd_reference") if fidelity.get("dipgo") else None
+    dipgo_fid = fidelity["dipgo"]
     report = {
         "kind": "reuse",
         "model": type(model).__name__,
         "source": getattr(loaded, "source", cfg.model.name),
-        "num_steps": steps,
+        "num_steps": int(plan.num_steps),
         "scheduler": cfg.supernet.scheduler,
         "guidance_scale": cfg.supernet.guidance_scale,
         "target": cfg.search.target,
         "macs": {"full_per_sample": supernet.full_cost(), "plan_ratio": plan.cost_ratio},
-        "full": {"fd": _finite(full_fd), "accuracy": _finite(fidelity.get("dipgo", {}).get("accuracy_reference"))},
-        "variants": variants,
+        "full": {"fd": _finite(dipgo_fid.get("fd_reference")), "accuracy": _finite(dipgo_fid.get("accuracy_reference"))},
+        "variants": rows,
+        "skipped_baselines": skipped,
         "latency": {n: r.to_dict() for n, r in latency.items()},
         "latency_batch": int(next(iter(lat_batch.values())).shape[0]),
         "num_eval_samples": cfg.report.num_samples,
         "subnet_vs_supernet_max_abs_diff": consistency,
         "closed_slots": plan.num_closed,
     }
-    plots = _plots(samples, plan, supernet, run_dir, baselines) if cfg.report.plots else {}
+    labels_by_name = {v.name: v.label for v in variants}
+    plots = _plots(samples, labels_by_name, plan, supernet, run_dir) if cfg.report.plots else {}
     return report, plots
+
+
+def _batch(items: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    items.pop("index", None)
+    return items
 
 
 def _finite(value: Any) -> Any:
@@ -179,7 +236,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _plots(samples: dict[str, torch.Tensor], plan: Plan, supernet: Any, run_dir: Path, baselines: dict) -> dict[str, Path]:
+def _plots(samples: dict[str, torch.Tensor], labels: dict[str, str], plan: Plan, supernet: Any, run_dir: Path) -> dict[str, Path]:
     from dipgo.report.plots import cost_bars, gate_heatmap, loss_curves, sample_grid
 
     plots_dir = run_dir / "plots"
@@ -191,14 +248,15 @@ def _plots(samples: dict[str, torch.Tensor], plan: Plan, supernet: Any, run_dir:
     if probs is not None:
         out["keep_probs"] = gate_heatmap(torch.tensor(probs), plan.blocks, plots_dir / "keep_probs.png",
                                          title="learned keep probabilities (steps >= 1)")
-    labelled = {baselines.get(k, {}).get("label", k): v[:32] for k, v in samples.items()}
+    labelled = {labels[k]: v[:32] for k, v in samples.items()}
     out["samples"] = sample_grid(labelled, plots_dir / "samples.png", nrow=8)
     metrics = run_dir / "logs" / "metrics.csv"
     if metrics.is_file():
         out["loss_curves"] = loss_curves(metrics, plots_dir / "loss_curves.png")
-    block_macs = getattr(supernet, "block_macs", None)
-    if isinstance(block_macs, dict) and block_macs:
-        out["block_macs"] = cost_bars(block_macs, plots_dir / "block_macs.png")
+    unit_macs = getattr(supernet, "unit_macs", None)
+    if unit_macs is not None and len(unit_macs):
+        per_block = dict(zip(supernet.block_names, [float(m) for m in unit_macs]))
+        out["block_macs"] = cost_bars(per_block, plots_dir / "block_macs.png", title="MACs per gated block (one call)")
     return out
 
 
@@ -207,11 +265,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [
         f"{report['model']} ({report['source']}), {report['num_steps']}-step {report['scheduler']}, "
         f"target {report['target']:.0%} of MACs; latency: median of interleaved runs, batch {report['latency_batch']}",
-        f"{'variant':<22}{'MACs':>8}{'speedup':>9}{'PSNR':>8}{'SSIM':>7}{'FD':>8}{'acc':>7}",
+        f"{'variant':<30}{'MACs':>8}{'speedup':>9}{'PSNR':>8}{'SSIM':>7}{'FD':>8}{'acc':>7}",
     ]
     for v in report["variants"]:
         lines.append(
-            f"{v['label']:<22}{v['macs_ratio']:>8.1%}{v['speedup']:>8.2f}x"
+            f"{v['label'][:29]:<30}{v['macs_ratio']:>8.1%}{v['speedup']:>8.2f}x"
             f"{_fmt(v.get('psnr'), '.1f'):>8}{_fmt(v.get('ssim'), '.3f'):>7}{_fmt(v.get('fd'), '.2f'):>8}{_fmt(v.get('accuracy'), '.0%'):>7}"
         )
     full = report.get("full", {})

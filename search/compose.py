@@ -21,6 +21,10 @@ from omegaconf.errors import OmegaConfBaseException
 from dipgo.search.config import Config, register_configs
 
 CONFIG_MODULE = "dipgo.configs"
+BASELINES: tuple[str, ...] = (
+    "fewer_steps", "deepcache", "uniform", "static_per_block", "random",
+    "first_block_cache", "pyramid_attention_broadcast", "faster_cache",
+)
 GROUPS: tuple[str, ...] = ("model", "supernet", "search", "data", "trainer", "logger", "report", "recipe")
 
 
@@ -78,6 +82,8 @@ def validate_config(cfg: DictConfig) -> None:
     _one_of("logger.wandb_mode", cfg.logger.wandb_mode, ("auto", "offline", "online", "disabled"))
     _one_of("search.cost.mode", cfg.search.cost.mode, ("two_sided", "hinge"))
     _one_of("search.cost.controller", cfg.search.cost.controller, ("dual", "fixed"))
+    for name in cfg.report.baselines:
+        _one_of("report.baselines entry", name, BASELINES)
     for key, value, low in (
         ("supernet.num_steps", cfg.supernet.num_steps, 2),
         ("trainer.max_steps", cfg.trainer.max_steps, 1),

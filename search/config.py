@@ -122,7 +122,7 @@ class ReportConfig:
     latency_runs: int = 3  # timed runs per variant (median reported)
     latency_warmup: int = 1
     latency_batch: int = 16
-    baselines: list[str] = field(default_factory=lambda: ["fewer_steps"])
+    baselines: list[str] = field(default_factory=lambda: ["fewer_steps", "deepcache", "uniform", "static_per_block", "random"])  # at the same MACs; DiTs also: first_block_cache, pyramid_attention_broadcast, faster_cache
     plots: bool = True
 
 

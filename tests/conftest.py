@@ -57,6 +57,7 @@ def tiny_search_overrides(model_dir: Path, runs_root: Path, **extra: object) -> 
         "report.latency_batch": 2,
         "logger.wandb": False,
         "search.target": 0.5,
+        "report.baselines": "[fewer_steps,deepcache,random]",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

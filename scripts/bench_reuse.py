@@ -1,0 +1,70 @@
+"""Benchmark DiP-GO timestep reuse against its baselines over a sweep of MACs targets.
+
+For each target, one ``dipgo search`` (same recipe, same seed) runs end to end; its report
+holds the dipgo plan and every baseline at the same MACs, all sampled from the same evaluation
+noise and timed interleaved in the same process. This script collects them into one JSON and a
+Pareto plot (speedup vs PSNR), which docs/RESULTS.md quotes.
+
+    python scripts/bench_reuse.py --recipe digits_unet_reuse --targets 0.2 0.25 0.35 0.5 \
+        --out bench_out/reuse_digits_unet.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="digits_unet_reuse")
+    p.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.25, 0.35, 0.5])
+    p.add_argument("--out", default="bench_out/reuse_digits_unet.json")
+    p.add_argument("--runs-root", default="bench_out/runs")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every search")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    from dipgo.report.plots import pareto_plot
+    from dipgo.report.summary import collect_points
+    from dipgo.search.compose import compose_config
+    from dipgo.search.run import run_search
+
+    runs_root = Path(args.runs_root) / f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    results = []
+    for target in args.targets:
+        overrides = [f"recipe={args.recipe}", f"search.target={target}", f"runs_root={runs_root}",
+                     f"recipe_name={args.recipe}", *args.overrides]
+        cfg, _ = compose_config(overrides)
+        t0 = time.perf_counter()
+        result = run_search(cfg, quiet=True)
+        print(f"target {target}: {time.perf_counter() - t0:.0f}s  {result.run_dir}")
+        for line in result.summary:
+            print("  " + line)
+        results.append({"target": target, "run_dir": str(result.run_dir), "report": result.report})
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    points = collect_points(runs_root)
+    plot = pareto_plot(points, out.with_suffix(".png"), fidelity_label="PSNR vs full model (dB)",
+                       title=f"{args.recipe}: speedup vs fidelity")
+    payload = {
+        "command": "python scripts/bench_reuse.py " + " ".join(
+            ["--recipe", args.recipe, "--targets", *map(str, args.targets), "--out", args.out, *args.overrides]),
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "results": results,
+        "pareto_plot": str(plot),
+    }
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"written: {out} and {plot}")
+
+
+if __name__ == "__main__":
+    main()
