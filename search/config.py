@@ -47,6 +47,8 @@ class PrunerSchema:
     tau_schedule: str = "cosine"  # cosine | linear | exp
     budget_conditioned: bool = False  # one pruner for a range of budgets
     hard: bool = True  # straight-through hard gates in the forward pass
+    slot_logit_scale: float = 10.0  # scale of the per-slot free logits (lets slots leave the shared network's consensus)
+    logit_l2: float = 0.001  # keeps logits finite so sigmoid gradients never vanish
 
 
 @dataclass
@@ -59,6 +61,7 @@ class DistortionSchema:
     feature_mse: float = 0.0
     temperature: float = 1.0  # KL temperature
     data_range: float = 2.0  # image value range for SSIM ([-1, 1] -> 2)
+    ssim_kernel: int = 11  # SSIM window (shrunk to fit small images)
 
 
 @dataclass
@@ -68,6 +71,10 @@ class CostSchema:
     controller: str = "dual"  # dual (Lagrange-style multiplier) | fixed
     lr_lambda: float = 0.05  # step size of the multiplier
     lambda_max: float = 100.0
+    lambda_min: float = 0.01
+    tolerance: float = 0.005  # |log(expected/target)| counted as on target
+    smoothing: float = 0.9  # EMA of the signed log ratio the controller reacts to
+    delta: float = 0.01  # quadratic zone of the pseudo-Huber penalty (log-ratio units)
 
 
 @dataclass

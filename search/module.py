@@ -58,6 +58,9 @@ class SearchModule(pl.LightningModule):
         self.controller = CostController(self.cost_cfg)
         self._ref_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._pool, self._ref_chunk = pool, ref_chunk
+        self._last_expected = 1.0
+        # saved in checkpoints, so a resumed run divides by exactly the same number
+        self.register_buffer("distortion_scale_buffer", torch.zeros(()), persistent=True)
 
     @property
     def supernet(self) -> SuperNet:
@@ -74,6 +77,33 @@ class SearchModule(pl.LightningModule):
         return keep_probs(self.logits()).float().cpu()
 
     # ---- training ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _calibrate_distortion_scale(self) -> None:
+        """Distortion of random hard gates at the target on the first pool items: the loss unit.
+
+        The cost controller works for distortions of order 0.1-1; an MSE of final samples can be
+        1e-4 or 10 depending on the model. Dividing by what a random plan at the budget costs
+        makes one config fit every model. Counter-seeded, so a resumed run gets the same scale.
+        """
+        if self.distortion_scale_buffer.item() > 0:
+            return
+        n = min(len(self._pool), self._ref_chunk) if self._pool is not None else 0
+        if n == 0:
+            self.distortion_scale_buffer.fill_(1.0)
+            return
+        items = [self._pool[i] for i in range(n)]
+        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        reference = self._reference(batch)
+        gen = _generator(self.seed, 53)
+        gates = (torch.rand(len(self.supernet.slots), generator=gen) < self.target).float()
+        gated = self.supernet.gated({k: v for k, v in batch.items() if k != "index"}, gates)
+        value = float(distortion(gated, reference, self.distortion_cfg)["total"])
+        self.distortion_scale_buffer.fill_(max(value, 1e-12))
+
+    @property
+    def distortion_scale(self) -> float:
+        return float(self.distortion_scale_buffer.item()) if self.distortion_scale_buffer.item() > 0 else 1.0
+
     def on_train_start(self) -> None:
         """Compute the original model's outputs for the whole calibration pool, in pool order.
 
@@ -82,6 +112,7 @@ class SearchModule(pl.LightningModule):
         """
         if self._pool is None:
             return
+        self._calibrate_distortion_scale()
         todo = [i for i in range(len(self._pool)) if i not in self._ref_cache]
         for start in range(0, len(todo), self._ref_chunk):
             items = [self._pool[i] for i in todo[start : start + self._ref_chunk]]
@@ -114,15 +145,17 @@ class SearchModule(pl.LightningModule):
         probs = keep_probs(logits)  # (N,)
         expected = self.supernet.expected_cost(probs)
         lam = self.controller.value
-        penalty = cost_loss(expected, self.target, 1.0, self.cost_cfg.mode)
-        loss = terms["total"] + lam * penalty
-        self.controller.update(float(expected.detach()), self.target)
+        penalty = cost_loss(expected, self.target, 1.0, self.cost_cfg.mode, delta=self.cost_cfg.delta)
+        scaled = terms["total"] / self.distortion_scale
+        loss = scaled + self.controller.loss(expected, self.target) + self.pruner.regularizer(logits)
+        self._last_expected = float(expected.detach())
 
         hard_cost = self.supernet.expected_cost((probs > 0.5).to(probs.dtype))
         log = {f"loss/{k}": v.detach() for k, v in terms.items()}
         log.update(
             {
                 "loss/cost_penalty": penalty.detach(),
+                "loss/distortion_scaled": scaled.detach(),
                 "loss/total": loss.detach(),
                 "cost/expected": expected.detach(),
                 "cost/hard_at_0.5": hard_cost.detach(),
@@ -136,13 +169,20 @@ class SearchModule(pl.LightningModule):
         )
         self.log_dict(log, on_step=True, prog_bar=False, batch_size=int(batch["index"].shape[0]))
         self.log("cost", expected.detach(), prog_bar=True, on_step=True, batch_size=1)
-        self.log("dist", terms["total"].detach(), prog_bar=True, on_step=True, batch_size=1)
+        self.log("dist", scaled.detach(), prog_bar=True, on_step=True, batch_size=1)
         return loss
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(
+    def on_train_batch_end(self, *args: Any) -> None:
+        """The multiplier for the next step follows this step's expected cost (after the optimiser step)."""
+        self.controller.update(self._last_expected, self.target)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """Adam with cosine decay: a decaying step lets the gates settle on the budget at the end."""
+        opt = torch.optim.Adam(
             self.pruner.parameters(), lr=float(self.search_cfg.lr), weight_decay=float(self.search_cfg.weight_decay)
         )
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.max_steps), eta_min=0.05 * float(self.search_cfg.lr))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- exact resume: the controller's multiplier is state too --------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

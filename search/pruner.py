@@ -13,7 +13,12 @@ This module generalises that design to every gate kind:
   block embedding + a per-slot residual: neighbouring steps share parameters and information,
 * a ``slot_kind_embedding`` and a cost feature let one pruner serve a joint search of several
   kinds, where slots of very different nature and price sit in one sequence,
-* an optional budget embedding lets one trained pruner produce plans for a range of budgets.
+* an optional budget embedding lets one trained pruner produce plans for a range of budgets,
+* each slot also owns a scaled free logit added to the network's output: with Adam, shared
+  network parameters alone tend to move every gate together (and kill the features that tell
+  slots apart), while the free logits let each decision move independently and fast
+  (``PrunerConfig.slot_logit_scale``); :meth:`PrunerNetwork.regularizer` keeps logits from
+  saturating (``PrunerConfig.logit_l2``).
 
 The sampled gates use a straight-through Gumbel-softmax (:func:`gumbel_gates`): the forward
 pass sees hard 0/1 decisions, exactly the SubNet that post-processing will build, while the
@@ -259,9 +264,7 @@ class PrunerNetwork(nn.Module):
     def _budget_vector(self, budget: Tensor | float | None, like: Tensor) -> Tensor:
         """Embedding of the target budget, ``(D,)``; validates the value."""
         if budget is None:
-            raise ValueError(
-                "this pruner is budget-conditioned: call it with the target budget in (0, 1]"
-            )
+            raise ValueError("this pruner is budget-conditioned: call it with the target budget in (0, 1]")
         b = torch.as_tensor(budget, dtype=like.dtype, device=like.device).reshape(-1)
         if b.numel() != 1 or not (0.0 < float(b) <= 1.0):
             raise ValueError(f"pruner budget must be one number in (0, 1]; got {budget!r}")
@@ -324,13 +327,15 @@ def gumbel_gates(
     if tau <= 0:
         raise ValueError(f"Gumbel temperature must be > 0; got {tau}")
     device = generator.device if generator is not None else logits.device
-    u = torch.rand(logits.shape, generator=generator, device=device, dtype=logits.dtype)  # (N, 2)
-    tiny = torch.finfo(logits.dtype).tiny
-    noise = -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 1e-7)))  # Gumbel(0, 1), (N, 2)
-    soft = torch.softmax((logits + noise.to(logits.device)) / tau, dim=-1)[:, KEEP]  # (N,)
+    # float32 noise whatever the logits' dtype: in bf16, 1 - 1e-7 rounds to 1 and log(0) = -inf.
+    u = torch.rand(logits.shape, generator=generator, device=device, dtype=torch.float32)  # (N, 2)
+    u = u.clamp(min=torch.finfo(torch.float32).tiny, max=1.0 - 1e-7)
+    noise = -torch.log(-torch.log(u)).to(logits.device)  # Gumbel(0, 1), (N, 2)
+    soft32 = torch.softmax((logits.float() + noise) / tau, dim=-1)[:, KEEP]  # (N,)
+    soft = soft32.to(logits.dtype)
     if not hard:
         return soft
-    hard_keep = (soft > 0.5).to(soft.dtype)  # argmax of two classes, (N,)
+    hard_keep = (soft32 > 0.5).to(soft.dtype)  # argmax of the two noisy logits, (N,)
     return hard_keep - soft.detach() + soft  # value of hard, gradient of soft
 
 
@@ -351,4 +356,6 @@ def temperature(step: int, total_steps: int, config: PrunerConfig) -> float:
         return start + (end - start) * t
     if config.tau_schedule == "exp":
         return start * (end / start) ** t
-    raise ValueError(f"pruner.tau_schedule must be one of {', '.join(TAU_SCHEDULES)}; got {config.tau_schedule!r}")
+    raise ValueError(
+        f"pruner.tau_schedule must be one of {', '.join(TAU_SCHEDULES)}; got {config.tau_schedule!r}"
+    )
