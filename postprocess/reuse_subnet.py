@@ -175,6 +175,20 @@ class ReuseSubNet:
                    source=config.get("source"))
 
 
+def load_subnet(directory: str | Path) -> ReuseSubNet:
+    """Reload an exported SubNet folder, weights included, from the ``source`` it records.
+
+    The folder holds the plan and sampler settings only; the weights come from the model source
+    (a dipgo reference name, a local diffusers folder or a hub id) through dipgo's loader.
+    """
+    from dipgo.models.registry import load_model
+
+    config = _read_subnet_config(Path(directory) / "subnet.json")
+    if not config.get("source"):
+        raise PlanError(f"{directory} records no model source: load it with ReuseSubNet.load(directory, model)")
+    return ReuseSubNet.load(directory, load_model(config["source"]).model)
+
+
 def _read_subnet_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise PlanError(f"no subnet config at {path}: expected a folder written by ReuseSubNet.save")

@@ -299,6 +299,7 @@ def bench_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: in
     from dipgo.postprocess.reuse_plan import validate_plan
 
     validate_plan(plan, supernet)
+    supernet.remove()  # validated; time the plan on the plain model
     shape, num_classes = sample_spec(loaded.model)
     b = eval_batch(shape, batch, num_classes, cfg.report.eval_seed)
     b.pop("index")

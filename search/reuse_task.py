@@ -117,6 +117,12 @@ class ReuseTask:
         from dipgo.postprocess.reuse_subnet import ReuseSubNet
 
         loaded = load_model(cfg.model.name, **({"subfolder": cfg.model.subfolder} if cfg.model.subfolder else {}))
-        subnet = ReuseSubNet(model=loaded.model, plan=plan, source=cfg.model.name,
-                             scheduler_config=dict(loaded.scheduler.config) if loaded.scheduler is not None else None)
+        subnet = ReuseSubNet(
+            model=loaded.model,
+            plan=plan,
+            scheduler=cfg.supernet.scheduler,
+            scheduler_config=dict(loaded.scheduler.config) if loaded.scheduler is not None else None,
+            guidance_scale=cfg.supernet.guidance_scale,
+            source=cfg.model.name,
+        )
         return subnet.save(out)
