@@ -166,18 +166,19 @@ def evaluate_reuse(
     sched_cfg = dict(loaded.scheduler.config) if getattr(loaded, "scheduler", None) is not None else None
     run = _sampler(model, cfg, sched_cfg)
 
-    batch = _batch(eval_batch(shape, cfg.report.num_samples, num_classes, cfg.report.eval_seed))
-    calib = _batch(eval_batch(shape, min(8, cfg.report.num_samples), num_classes, cfg.report.eval_seed + 7))
+    device = next(model.parameters()).device
+    batch = _batch(eval_batch(shape, cfg.report.num_samples, num_classes, cfg.report.eval_seed), device)
+    calib = _batch(eval_batch(shape, min(8, cfg.report.num_samples), num_classes, cfg.report.eval_seed + 7), device)
     # the SubNet (hooks on the plain model) must reproduce the SuperNet's hard-gated trajectory
     grid = torch.tensor(plan.compute, dtype=torch.bool)
     with torch.no_grad():
         supernet_hard = supernet.sample(batch, grid)
     variants, skipped = build_variants(loaded, supernet, plan, cfg, run, calib, calib)
-    samples = {v.name: v.run(batch) for v in variants}
-    consistency = float((supernet_hard - samples["dipgo"]).abs().max())
+    samples = {v.name: v.run(batch).cpu() for v in variants}
+    consistency = float((supernet_hard.cpu() - samples["dipgo"]).abs().max())
 
     judge = _digits_judge(loaded)
-    labels = batch.get("class_labels")
+    labels = batch["class_labels"].cpu() if "class_labels" in batch else None
     fidelity: dict[str, dict[str, float]] = {}
     for v in variants[1:]:
         kw = {"classifier": judge[0], "real_features": judge[1], "labels": labels} if judge else {}
@@ -185,7 +186,7 @@ def evaluate_reuse(
 
     lat_batch = {k: t[: cfg.report.latency_batch] for k, t in batch.items()}
     fns = {v.name: (lambda v: lambda: v.run(lat_batch))(v) for v in variants}
-    latency = compare_latency(fns, warmup=cfg.report.latency_warmup, runs=cfg.report.latency_runs)
+    latency = compare_latency(fns, warmup=cfg.report.latency_warmup, runs=cfg.report.latency_runs, device=device)
 
     rows = []
     for v in variants:
@@ -225,9 +226,9 @@ def evaluate_reuse(
     return report, plots
 
 
-def _batch(items: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _batch(items: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     items.pop("index", None)
-    return items
+    return {k: v.to(device) for k, v in items.items()}
 
 
 def _finite(value: Any) -> Any:

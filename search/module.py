@@ -77,6 +77,12 @@ class SearchModule(pl.LightningModule):
         return keep_probs(self.logits()).float().cpu()
 
     # ---- training ----------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Move the (unregistered) frozen model to the module's device; Lightning only moves the pruner."""
+        model = getattr(self.supernet, "model", None)
+        if isinstance(model, torch.nn.Module):
+            model.to(self.device)
+
     @torch.no_grad()
     def _calibrate_distortion_scale(self) -> None:
         """Distortion of random hard gates at the target on the first pool items: the loss unit.
@@ -92,10 +98,10 @@ class SearchModule(pl.LightningModule):
             self.distortion_scale_buffer.fill_(1.0)
             return
         items = [self._pool[i] for i in range(n)]
-        batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        batch = {k: torch.stack([it[k] for it in items]).to(self.device) for k in items[0]}
         reference = self._reference(batch)
         gen = _generator(self.seed, 53)
-        gates = (torch.rand(len(self.supernet.slots), generator=gen) < self.target).float()
+        gates = (torch.rand(len(self.supernet.slots), generator=gen) < self.target).float().to(self.device)
         gated = self.supernet.gated({k: v for k, v in batch.items() if k != "index"}, gates)
         value = float(distortion(gated, reference, self.distortion_cfg)["total"])
         self.distortion_scale_buffer.fill_(max(value, 1e-12))
@@ -116,7 +122,7 @@ class SearchModule(pl.LightningModule):
         todo = [i for i in range(len(self._pool)) if i not in self._ref_cache]
         for start in range(0, len(todo), self._ref_chunk):
             items = [self._pool[i] for i in todo[start : start + self._ref_chunk]]
-            batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+            batch = {k: torch.stack([it[k] for it in items]).to(self.device) for k in items[0]}
             self._reference(batch)
 
     def _reference(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
