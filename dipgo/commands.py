@@ -21,7 +21,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     from dipgo.search.run import run_search
 
     result = run_search(cfg, quiet=args.quiet)
-    print("\n".join(["", f"dipgo search: {result.run_dir}", *result.summary]))
+    if result.report:  # DDP workers other than rank 0 return no report and print nothing
+        print("\n".join(["", f"dipgo search: {result.run_dir}", *result.summary]))
     return 0
 
 

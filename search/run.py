@@ -8,6 +8,7 @@ leaves a half-written plan.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from dipgo.search.progress import StepProgressBar
 from dipgo.search.tasks import get_task
 from dipgo.search.tracking import finish, log_images, log_summary, make_loggers
 
+RUN_DIR_ENV = "DIPGO_RUN_DIR"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CKPT = "last.ckpt"
 
@@ -59,6 +61,13 @@ def claim_run_dir(cfg: DictConfig) -> Path:
         except FileExistsError:
             continue
     raise RuntimeError(f"could not claim a run directory under {parent}")
+
+
+def _spawned_rank_dir() -> Path | None:
+    """The run folder of rank 0 when this process is a DDP worker that Lightning launched."""
+    rank = int(os.environ.get("LOCAL_RANK", "0") or 0) + int(os.environ.get("NODE_RANK", "0") or 0)
+    shared = os.environ.get(RUN_DIR_ENV)
+    return Path(shared) if rank > 0 and shared else None
 
 
 def load_resume(resume: str | Path) -> tuple[DictConfig, Path, Path]:
@@ -98,9 +107,12 @@ def run_search(
     loaded = load_model(cfg.model.name, **({"subfolder": cfg.model.subfolder} if cfg.model.subfolder else {}))
     supernet = task.build(loaded, cfg)
     datamodule = task.datamodule(loaded, supernet, cfg)
-    if ckpt_path is None:
+    if ckpt_path is None and _spawned_rank_dir() is not None:
+        run_dir = _spawned_rank_dir()  # a DDP worker re-running the command: join rank 0's run
+    elif ckpt_path is None:
         run_dir = claim_run_dir(cfg)
         write_bytes_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the DDP workers Lightning launches
 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     module = SearchModule(

@@ -95,3 +95,22 @@ def test_wandb_mode_resolution() -> None:
     assert wandb_mode("auto", {"WANDB_API_KEY": "x", "WANDB_MODE": "offline"}) == "offline"
     assert wandb_mode("auto", {"WANDB_MODE": "disabled"}) == "disabled"
     assert wandb_mode("online", {}) == "online"
+
+
+def test_ddp_two_cpu_processes_share_one_run(tiny_unet_dir: Path, tmp_path: Path) -> None:
+    """trainer=ddp alone turns the search into 2 gloo processes; rank 0 owns the run folder."""
+    import subprocess
+    import sys
+
+    overrides = tiny_search_overrides(
+        tiny_unet_dir, tmp_path / "runs", **{"trainer.max_steps": 2, "report.baselines": "[fewer_steps]"}
+    )
+    overrides = [o for o in overrides if not o.startswith("trainer.enable_progress_bar")]
+    cmd = [sys.executable, "-m", "dipgo", "search", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           "--quiet", *overrides]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = list((tmp_path / "runs" / "tiny").iterdir())
+    assert len(runs) == 1, runs
+    assert (runs[0] / "plan.json").is_file() and (runs[0] / "report.json").is_file()
+    assert result.stdout.count("dipgo search:") == 1
