@@ -174,8 +174,8 @@ class SearchModule(pl.LightningModule):
             }
         )
         self.log_dict(log, on_step=True, prog_bar=False, batch_size=int(batch["index"].shape[0]))
-        self.log("cost", expected.detach(), prog_bar=True, on_step=True, batch_size=1)
-        self.log("dist", scaled.detach(), prog_bar=True, on_step=True, batch_size=1)
+        self.log("cost", expected.detach(), prog_bar=True, logger=False, on_step=True, batch_size=1)
+        self.log("dist", scaled.detach(), prog_bar=True, logger=False, on_step=True, batch_size=1)
         return loss
 
     def on_train_batch_end(self, *args: Any) -> None:
