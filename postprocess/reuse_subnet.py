@@ -50,6 +50,19 @@ def _timestep_value(args: tuple[Any, ...], kwargs: dict[str, Any], index: int | 
     return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
 
 
+def _head_is_step_independent(model: nn.Module) -> bool:
+    """True for denoisers whose layers outside the gated units ignore the timestep after the blocks.
+
+    UNet2DModel (unless its Fourier time embedding rescales the output by the timestep) and
+    UNet2DConditionModel end in norm -> activation -> conv_out. DiT-style heads are modulated by
+    the timestep embedding, so a fully reused step must still run them.
+    """
+    name = type(model).__name__
+    if name == "UNet2DModel":
+        return getattr(model.config, "time_embedding_type", "positional") != "fourier"
+    return name == "UNet2DConditionModel"
+
+
 class ReusePlanHandle:
     """An installed plan: counts steps, skips closed units; ``remove()`` restores the model."""
 
@@ -65,10 +78,40 @@ class ReusePlanHandle:
         self._caches: dict[int, Any] = {}
         self._pre = model.register_forward_pre_hook(self._before_call, with_kwargs=True)
         hooks.on_remove(self._pre.remove)
+        self._last_out: Any = None
+        if _head_is_step_independent(model):
+            self._patch_whole_step_skip()
+
+    def _patch_whole_step_skip(self) -> None:
+        """Skip the whole denoiser call at steps where every unit is reused.
+
+        Every unit then returns exactly what it returned at the previous step, and the head of a
+        UNet (norm, activation, conv_out) does not read the timestep, so the output is bit-identical
+        to the previous call's: returning it also saves the stem, the time embedding, the head and
+        the per-unit dispatch. Only installed for heads known to be step-independent.
+        """
+        model, had_own = self.model, "forward" in self.model.__dict__
+        inner = model.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            row = self._compute[self.step] if self.step >= 0 else None
+            if self.step > 0 and row is not None and not any(row) and self._last_out is not None:
+                return self._last_out
+            self._last_out = inner(*args, **kwargs)
+            return self._last_out
+
+        def restore() -> None:
+            if had_own:
+                model.forward = inner
+            else:
+                model.__dict__.pop("forward", None)
+
+        model.forward = forward
+        self._hooks.on_remove(restore)
 
     def reset(self) -> None:
         """Start a new trajectory at the next call (drop the caches)."""
-        self.step, self._last_t, self._caches = -1, None, {}
+        self.step, self._last_t, self._caches, self._last_out = -1, None, {}, None
         self._hooks.runtime.state = None
 
     def _before_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
