@@ -85,14 +85,18 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        path = Path(path)
-        if not path.is_file():
-            raise PlanError(f"no plan at {path}: expected a plan.json written by `dipgo search`")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, "a plan.json written by `dipgo search`"))
+
+
+def read_json(path: str | Path, expected: str) -> Any:
+    """Read a JSON artifact, or raise :class:`PlanError` saying what was expected there."""
+    path = Path(path)
+    if not path.is_file():
+        raise PlanError(f"nothing at {path}: expected {expected}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:

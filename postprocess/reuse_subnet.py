@@ -14,7 +14,6 @@ per step or second-order solvers (Heun) need explicit ``reset()`` handling and a
 from __future__ import annotations
 
 import inspect
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dipgo.postprocess.plan import Plan, PlanError, write_json_atomic
+from dipgo.postprocess.plan import Plan, PlanError, read_json, write_json_atomic
 from dipgo.postprocess.reuse_plan import check_plan_fits
 from dipgo.supernets.adapters import ConsumerGraph, get_reuse_adapter
 from dipgo.supernets.reuse import ReuseHooks, StepState, effective_grid
@@ -233,12 +232,7 @@ def load_subnet(directory: str | Path) -> ReuseSubNet:
 
 
 def _read_subnet_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise PlanError(f"no subnet config at {path}: expected a folder written by ReuseSubNet.save")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    data = read_json(path, "a subnet.json written by ReuseSubNet.save")
     if data.get("format") != SUBNET_FORMAT or data.get("version", 0) > SUBNET_VERSION:
         raise PlanError(f"{path} is not a reuse subnet config this dipgo can read (format {data.get('format')!r})")
     return data

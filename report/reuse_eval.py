@@ -121,7 +121,7 @@ def build_variants(
         if name == "fewer_steps":
             k = max(1, min(steps, round(plan.cost_ratio * steps)))
             variants.append(Variant(name, f"{k}-step {cfg.supernet.scheduler}", k / steps,
-                                    (lambda k: lambda b: run(b, k))(k), {"num_steps": k}))
+                                    lambda b, k=k: run(b, k), {"num_steps": k}))
         elif name in plans:
             p = plans[name]
             variants.append(Variant(name, p.meta.get("label", name), p.cost_ratio,
@@ -185,7 +185,7 @@ def evaluate_reuse(
         fidelity[v.name] = image_fidelity(samples[v.name], samples["full"], **kw)
 
     lat_batch = {k: t[: cfg.report.latency_batch] for k, t in batch.items()}
-    fns = {v.name: (lambda v: lambda: v.run(lat_batch))(v) for v in variants}
+    fns = {v.name: (lambda v=v: v.run(lat_batch)) for v in variants}
     latency = compare_latency(fns, warmup=cfg.report.latency_warmup, runs=cfg.report.latency_runs, device=device)
 
     rows = []

@@ -9,7 +9,7 @@ lists the groups and their options.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -19,7 +19,7 @@ SCHEMA_NAME = "dipgo_schema"
 @dataclass
 class ModelConfig:
     name: str = "digits_unet"  # reference name (digits_unet, digits_dit, ...), local folder, or hub id
-    subfolder: Optional[str] = None  # e.g. "unet" for a diffusers pipeline folder
+    subfolder: str | None = None  # e.g. "unet" for a diffusers pipeline folder
     dtype: str = "float32"  # float32 | float16 | bfloat16 (the search itself runs in float32 on CPU)
 
 
@@ -32,7 +32,7 @@ class SupernetConfig:
     scheduler: str = "ddim"  # ddim | dpmsolver++ | euler
     guidance_scale: float = 1.0  # classifier-free guidance (1 = off)
     checkpointing: bool = False  # gradient checkpointing per sampling step (less memory, ~30% slower)
-    truncate_steps: Optional[int] = None  # truncated backprop through the unrolled trajectory
+    truncate_steps: int | None = None  # truncated backprop through the unrolled trajectory
 
 
 @dataclass
@@ -93,7 +93,7 @@ class DataConfig:
     batch_size: int = 8  # calibration batch per optimisation step
     pool_size: int = 64  # calibration pool (noises / images / sentences); outputs of the original model are cached per item
     steps_per_epoch: int = 25  # optimisation steps per Lightning epoch (bookkeeping only: batches depend on the global step)
-    num_classes: Optional[int] = None  # class-conditional denoisers: labels drawn from [0, num_classes); None = read from the model
+    num_classes: int | None = None  # class-conditional denoisers: labels drawn from [0, num_classes); None = read from the model
     num_workers: int = 0
 
 
@@ -106,7 +106,7 @@ class TrainerConfig:
     num_nodes: int = 1
     precision: str = "32-true"
     log_every_n_steps: int = 5
-    gradient_clip_val: Optional[float] = 1.0
+    gradient_clip_val: float | None = 1.0
     enable_progress_bar: bool = True
     checkpoint_every_n_steps: int = 25  # pruner checkpoints (for resume=) every this many steps
 
@@ -116,8 +116,8 @@ class LoggerConfig:
     wandb: bool = True  # log to Weights & Biases (offline unless configured)
     wandb_mode: str = "auto"  # auto (offline unless WANDB_MODE/WANDB_API_KEY say online) | offline | online | disabled
     project: str = "dipgo"
-    entity: Optional[str] = None
-    group: Optional[str] = None  # runs of one sweep share a group
+    entity: str | None = None
+    group: str | None = None  # runs of one sweep share a group
     tags: list[str] = field(default_factory=list)
     csv: bool = True  # CSV metrics next to the run (always on by default)
 
@@ -137,8 +137,8 @@ class ReportConfig:
 class Config:
     seed: int = 0
     runs_root: str = "runs"  # run directories go to <runs_root>/<recipe>/<timestamp>/
-    run_dir: Optional[str] = None  # explicit run directory (must not exist yet)
-    resume: Optional[str] = None  # a run directory to continue from its last checkpoint
+    run_dir: str | None = None  # explicit run directory (must not exist yet)
+    resume: str | None = None  # a run directory to continue from its last checkpoint
     recipe_name: str = "custom"  # set by the recipe; names the run folder
     model: ModelConfig = field(default_factory=ModelConfig)
     supernet: SupernetConfig = field(default_factory=SupernetConfig)

@@ -9,6 +9,8 @@ import time
 import pytest
 import timm
 import torch
+from torch import nn
+
 from dipgo.report.fidelity import (
     classifier_accuracy,
     classifier_features,
@@ -27,7 +29,6 @@ from dipgo.report.latency import (
     speedup,
 )
 from dipgo.report.macs import block_macs, count_macs, model_macs
-from torch import nn
 
 # --- MACs ---------------------------------------------------------------------------------------
 

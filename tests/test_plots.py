@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from dipgo.report.plots import (
     cost_bars,
     gate_heatmap,

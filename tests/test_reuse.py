@@ -29,12 +29,8 @@ SCHEDULERS = ("ddim", "dpmsolver++", "euler")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on 2 shared cores: intra-op threads only add contention (10x slower under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_torch_thread: None) -> None:
+    """Tiny models: intra-op threads only add contention (see conftest.one_torch_thread)."""
 
 
 def tiny_unet(seed: int = 0) -> UNet2DModel:

@@ -14,12 +14,8 @@ from dipgo.supernets.sampling import make_model_fn, make_scheduler, sample
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on 2 shared cores: intra-op threads only add contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_torch_thread: None) -> None:
+    """Tiny models: intra-op threads only add contention (see conftest.one_torch_thread)."""
 
 
 def tiny_unet(class_embeds: int | None = 3) -> UNet2DModel:
