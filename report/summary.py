@@ -45,8 +45,8 @@ def collect_points(root: Path, fidelity_key: str = "psnr") -> list[dict[str, Any
             points.append(
                 {
                     "run": str(run_dir.relative_to(root)) if run_dir != root else run_dir.name,
-                    "name": f"{run_dir.name}:{v['label']}",
-                    "group": "dipgo" if v["name"] == "dipgo" else v["label"].split(" ")[-1] + f" ({v['name']})",
+                    "name": f"{report.get('target', '?')}" if v["name"] == "dipgo" else "",
+                    "group": v["name"],
                     "variant": v["name"],
                     "target": report.get("target"),
                     "macs_ratio": v.get("macs_ratio"),
