@@ -83,7 +83,7 @@ def test_wandb_offline_run_folder(tiny_unet_dir: Path, tmp_path: Path, monkeypat
     runs = list((result.run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb")), "the offline run must hold its event log"
-    assert (runs[0] / "files").is_dir()
+    assert list((runs[0] / "files" / "media" / "images").rglob("*.png")), "plots must be logged as W&B images"
 
 
 def test_wandb_mode_resolution() -> None:
