@@ -133,16 +133,17 @@ def _first_line(msg: str) -> str:
 def _accepted_keys(dotted: str) -> str:
     """List the keys accepted at the parent of ``dotted`` in the schema."""
     node: object = Config
-    parts = dotted.split(".")
-    for part in parts[:-1]:
+    walked: list[str] = []
+    for part in dotted.split(".")[:-1]:
         fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
         if part not in fields:
-            break
+            break  # the unknown part is this one: list the keys of the level above it
         default = fields[part].default_factory  # type: ignore[misc]
         node = default() if callable(default) else None
+        walked.append(part)
     if not dataclasses.is_dataclass(node):
         return "see `dipgo search --help` for the config groups"
-    where = ".".join(parts[:-1]) or "the top level"
+    where = ".".join(walked) or "the top level"
     names = ", ".join(f.name for f in dataclasses.fields(node))
     return f"keys accepted under {where}: {names}"
 
