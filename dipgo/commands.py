@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +84,3 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {plan.kind} SubNet to {path}")
     return 0
 
-
-def print_json(data: dict[str, Any]) -> None:
-    json.dump(data, sys.stdout, indent=2)
-    sys.stdout.write("\n")

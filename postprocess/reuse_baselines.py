@@ -74,7 +74,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from dipgo.postprocess.plan import Plan, PlanError
-from dipgo.postprocess.reuse_plan import extract_reuse_plan
+from dipgo.postprocess.reuse_plan import check_reachable, extract_reuse_plan
 from dipgo.supernets.reuse import ReuseSuperNet
 
 log = logging.getLogger(__name__)
@@ -149,16 +149,13 @@ def _check_interval(interval: int) -> None:
 
 
 def _check_target(supernet: ReuseSuperNet, target: float) -> None:
-    """Refuse targets outside (0, 1] or below what reusing everything after step 0 costs."""
+    """Refuse targets outside (0, 1]; a target below the reachable floor does not apply here."""
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target must be a kept-cost ratio in (0, 1], got {target}")
-    steps, blocks = supernet.num_steps, len(supernet.block_names)
-    floor = supernet.plan_cost([[True] * blocks] + [[False] * blocks] * (steps - 1))
-    if floor > target:
-        raise BaselineNotApplicable(
-            f"target {target:.3f} is below the smallest reachable cost {floor:.3f} of {supernet.model_class} at "
-            f"{steps} steps (step 0 and the ungated stem/head always run)"
-        )
+    try:
+        check_reachable(supernet, target)
+    except PlanError as exc:
+        raise BaselineNotApplicable(str(exc)) from None
 
 
 # ----------------------------------------------------------------------------- DeepCache

@@ -72,6 +72,19 @@ def _reopen(cost: _GridCost, closed: list[tuple[int, int]], target: float) -> No
             cost.set(s, b, False)
 
 
+def check_reachable(supernet: ReuseSuperNet, target: float) -> None:
+    """Refuse targets outside (0, 1] or below the cost of reusing everything after step 0."""
+    if not 0.0 < target <= 1.0:
+        raise PlanError(f"target must be a kept-cost ratio in (0, 1], got {target}")
+    steps, blocks = supernet.num_steps, len(supernet.block_names)
+    floor = supernet.plan_cost([[True] * blocks] + [[False] * blocks] * (steps - 1))
+    if floor > target:
+        raise PlanError(
+            f"target {target:.3f} is below the smallest reachable cost {floor:.3f} of {supernet.model_class} at "
+            f"{steps} steps (step 0 and the ungated stem/head always run)"
+        )
+
+
 def extract_reuse_plan(keep_probs: Any, supernet: ReuseSuperNet, target: float,
                        meta: dict[str, Any] | None = None) -> Plan:
     """Hard plan from keep probabilities ``(N,)`` or ``(S-1, B)`` with kept-cost ratio <= ``target``.
@@ -81,16 +94,9 @@ def extract_reuse_plan(keep_probs: Any, supernet: ReuseSuperNet, target: float,
     most probable closed slots are re-opened while the budget still holds, so the plan lands just
     below the target. Raises :class:`PlanError` when even closing everything cannot reach it.
     """
-    if not 0.0 < target <= 1.0:
-        raise PlanError(f"target must be a kept-cost ratio in (0, 1], got {target}")
+    check_reachable(supernet, target)
     probs = _as_grid(keep_probs, supernet)  # (S-1, B)
     steps, blocks = supernet.num_steps, len(supernet.block_names)
-    floor = supernet.plan_cost([[True] * blocks] + [[False] * blocks] * (steps - 1))
-    if floor > target:
-        raise PlanError(
-            f"target {target:.3f} is below the smallest reachable cost {floor:.3f} of {supernet.model_class} at "
-            f"{steps} steps (step 0 and the ungated stem/head always run)"
-        )
     flat = probs.flatten().tolist()
     order = sorted(range(len(flat)), key=lambda k: (flat[k], k))  # least likely kept first
     slots = [(k // blocks + 1, k % blocks) for k in order]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,25 +44,6 @@ def _sampler(model: torch.nn.Module, cfg: DictConfig, scheduler_config: dict | N
     return run
 
 
-@contextmanager
-def _installed(model: torch.nn.Module, plan: Plan):
-    from dipgo.postprocess.reuse_subnet import install_plan
-
-    handle = install_plan(model, plan)
-    try:
-        yield handle
-    finally:
-        handle.remove()
-
-
-def _with_plan(run: Callable[..., torch.Tensor], model: torch.nn.Module, plan: Plan) -> Callable[..., torch.Tensor]:
-    def planned(batch: dict[str, torch.Tensor], num_steps: int) -> torch.Tensor:
-        with _installed(model, plan):
-            return run(batch, num_steps)
-
-    return planned
-
-
 @dataclass
 class Variant:
     """One way of sampling the evaluation batch: the full model, the dipgo plan or a baseline."""
@@ -76,8 +56,14 @@ class Variant:
 
 
 def _plan_runner(run: Callable[..., torch.Tensor], model: torch.nn.Module, plan: Plan, steps: int) -> Callable:
-    planned = _with_plan(run, model, plan)
-    return lambda batch: planned(batch, steps)
+    """``batch -> samples`` with ``plan`` installed on the plain model for the duration of the call."""
+    from dipgo.postprocess.reuse_subnet import install_plan
+
+    def planned(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with install_plan(model, plan):
+            return run(batch, steps)
+
+    return planned
 
 
 def _cache_runner(run: Callable[..., torch.Tensor], model: torch.nn.Module, name: str, steps: int,
@@ -290,12 +276,11 @@ def _fmt(value: Any, spec: str) -> str:
 
 def bench_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict[str, Any]:
     """Time a saved plan against its full model (``dipgo bench``)."""
-    from dipgo.models.registry import load_model
-    from dipgo.postprocess.reuse_subnet import ReuseSubNet  # noqa: F401  (validates availability)
     from dipgo.search.data import eval_batch
     from dipgo.search.reuse_task import ReuseTask, sample_spec
+    from dipgo.search.tasks import load_configured_model
 
-    loaded = load_model(cfg.model.name, **({"subfolder": cfg.model.subfolder} if cfg.model.subfolder else {}))
+    loaded = load_configured_model(cfg)
     supernet = ReuseTask().build(loaded, cfg)
     from dipgo.postprocess.reuse_plan import validate_plan
 
@@ -306,9 +291,9 @@ def bench_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: in
     b.pop("index")
     sched_cfg = dict(loaded.scheduler.config) if loaded.scheduler is not None else None
     run = _sampler(loaded.model, cfg, sched_cfg)
-    planned = _with_plan(run, loaded.model, plan)
     steps = int(plan.num_steps)
-    lat = compare_latency({"full": lambda: run(b, steps), "dipgo": lambda: planned(b, steps)},
+    planned = _plan_runner(run, loaded.model, plan, steps)
+    lat = compare_latency({"full": lambda: run(b, steps), "dipgo": lambda: planned(b)},
                           warmup=warmup, runs=runs, threads=threads)
     return {
         "model": type(loaded.model).__name__,

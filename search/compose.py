@@ -15,7 +15,7 @@ from importlib import resources
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from dipgo.search.config import Config, register_configs
@@ -55,16 +55,10 @@ def compose_config(overrides: Sequence[str] = ()) -> tuple[DictConfig, dict[str,
     finally:
         GlobalHydra.instance().clear()
     choices = {k: v for k, v in cfg.hydra.runtime.choices.items() if not k.startswith("hydra")}
-    with _open(cfg):
+    with open_dict(cfg):
         del cfg["hydra"]
     validate_config(cfg)
     return cfg, choices
-
-
-def _open(cfg: DictConfig):
-    from omegaconf import open_dict
-
-    return open_dict(cfg)
 
 
 def validate_config(cfg: DictConfig) -> None:

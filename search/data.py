@@ -64,13 +64,19 @@ class StepSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.steps * self.batch_size
 
-    def index_at(self, position: int) -> int:
-        rounds, offset = divmod(position, self.pool_size)
-        return int(torch.randperm(self.pool_size, generator=_generator(self.seed, 29, rounds))[offset])
+    def _order(self, rounds: int) -> list[int]:
+        return torch.randperm(self.pool_size, generator=_generator(self.seed, 29, rounds)).tolist()
 
     def __iter__(self) -> Iterator[int]:
         start = self.current_step() * self.batch_size
-        return iter([self.index_at(p) for p in range(start, start + len(self))])
+        orders: dict[int, list[int]] = {}  # one permutation per pass over the pool
+        out = []
+        for position in range(start, start + len(self)):
+            rounds, offset = divmod(position, self.pool_size)
+            if rounds not in orders:
+                orders[rounds] = self._order(rounds)
+            out.append(orders[rounds][offset])
+        return iter(out)
 
 
 class CalibrationDataModule(pl.LightningDataModule):

@@ -153,7 +153,7 @@ class SearchModule(pl.LightningModule):
         lam = self.controller.value
         penalty = cost_loss(expected, self.target, 1.0, self.cost_cfg.mode, delta=self.cost_cfg.delta)
         scaled = terms["total"] / self.distortion_scale
-        loss = scaled + self.controller.loss(expected, self.target) + self.pruner.regularizer(logits)
+        loss = scaled + lam * penalty + self.pruner.regularizer(logits)
         self._last_expected = float(expected.detach())
 
         hard_cost = self.supernet.expected_cost((probs > 0.5).to(probs.dtype))

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from dipgo.postprocess.plan import Plan
 from dipgo.search.data import diffusion_datamodule, eval_batch
-from dipgo.search.tasks import register_task
+from dipgo.search.tasks import load_configured_model, register_task
 
 
 def sample_spec(model: torch.nn.Module) -> tuple[tuple[int, int, int], int | None]:
@@ -26,16 +26,12 @@ def sample_spec(model: torch.nn.Module) -> tuple[tuple[int, int, int], int | Non
     ``num_classes`` excludes the null label used for classifier-free guidance: a UNet2DModel
     with ``num_class_embeds=11`` has 10 classes; a DiT with ``num_embeds_ada_norm=10`` has 10.
     """
-    config = model.config
-    size = config.sample_size
+    from dipgo.supernets.sampling import null_class_for
+
+    size = model.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
-    channels = config.in_channels
-    num_classes = None
-    if getattr(config, "num_class_embeds", None):
-        num_classes = int(config.num_class_embeds) - 1
-    elif type(model).__name__ == "DiTTransformer2DModel" and getattr(config, "num_embeds_ada_norm", None):
-        num_classes = int(config.num_embeds_ada_norm)
-    return (channels, h, w), num_classes
+    # the null label sits right after the real classes, so its index is the class count
+    return (model.config.in_channels, h, w), null_class_for(model)
 
 
 def reuse_config(cfg: DictConfig, loaded: Any) -> Any:
@@ -113,10 +109,9 @@ class ReuseTask:
         return bench_lines(result)
 
     def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
-        from dipgo.models.registry import load_model
         from dipgo.postprocess.reuse_subnet import ReuseSubNet
 
-        loaded = load_model(cfg.model.name, **({"subfolder": cfg.model.subfolder} if cfg.model.subfolder else {}))
+        loaded = load_configured_model(cfg)
         subnet = ReuseSubNet(
             model=loaded.model,
             plan=plan,

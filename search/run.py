@@ -24,7 +24,7 @@ from dipgo.postprocess.plan import Plan, write_bytes_atomic, write_json_atomic
 from dipgo.search.compose import ConfigError, validate_config
 from dipgo.search.module import SearchModule
 from dipgo.search.progress import StepProgressBar
-from dipgo.search.tasks import get_task
+from dipgo.search.tasks import get_task, load_configured_model
 from dipgo.search.tracking import finish, log_images, log_summary, make_loggers
 
 RUN_DIR_ENV = "DIPGO_RUN_DIR"
@@ -101,10 +101,8 @@ def run_search(
     ckpt_path: Path | None = None
     if cfg.resume:
         cfg, run_dir, ckpt_path = load_resume(cfg.resume)
-    from dipgo.models.registry import load_model
-
     task = get_task(cfg.supernet.kind)
-    loaded = load_model(cfg.model.name, **({"subfolder": cfg.model.subfolder} if cfg.model.subfolder else {}))
+    loaded = load_configured_model(cfg)
     supernet = task.build(loaded, cfg)
     datamodule = task.datamodule(loaded, supernet, cfg)
     if ckpt_path is None and _spawned_rank_dir() is not None:

@@ -47,6 +47,13 @@ class Task(Protocol):
         ...
 
 
+def load_configured_model(cfg: DictConfig) -> Any:
+    """Load ``cfg.model`` (name, folder or hub id, optional subfolder) through dipgo's registry."""
+    from dipgo.models.registry import load_model
+
+    return load_model(cfg.model.name, **({"subfolder": cfg.model.subfolder} if cfg.model.subfolder else {}))
+
+
 _TASKS: dict[str, Callable[[], Task]] = {}
 
 
