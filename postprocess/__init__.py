@@ -15,6 +15,11 @@ _LAZY: dict[str, str] = {
     "validate_plan": "dipgo.postprocess.reuse_plan",
     "install_plan": "dipgo.postprocess.reuse_subnet",
     "ReuseSubNet": "dipgo.postprocess.reuse_subnet",
+    "check_plan_matches": "dipgo.postprocess.block_subnet",
+    "export_block_subnet": "dipgo.postprocess.block_subnet",
+    "load_block_subnet": "dipgo.postprocess.block_subnet",
+    "make_block_plan": "dipgo.postprocess.block_subnet",
+    "remove_blocks": "dipgo.postprocess.block_subnet",
 }
 
 __all__ = sorted(_LAZY)

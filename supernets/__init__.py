@@ -19,6 +19,10 @@ _LAZY: dict[str, str] = {
     "UnsupportedModelError": "dipgo.supernets.adapters",
     "register_reuse_adapter": "dipgo.supernets.adapters",
     "get_reuse_adapter": "dipgo.supernets.adapters",
+    "BlockSuperNet": "dipgo.supernets.block",
+    "apply_block_gates": "dipgo.supernets.block",
+    "find_blocks": "dipgo.supernets.block",
+    "register_block_finder": "dipgo.supernets.block",
     "make_scheduler": "dipgo.supernets.sampling",
     "sample": "dipgo.supernets.sampling",
 }
