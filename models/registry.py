@@ -11,11 +11,17 @@
   (``model_type`` in ``config.json``);
 * a hub id (``owner/name``) or a timm model name; these are the only inputs that download.
 
+A diffusers denoiser that sits in a pipeline (folder or hub repo) also gets a
+:class:`PipelineParts` in ``extra["pipeline"]``: its text encoders, tokenizers and VAE, loaded on
+first use by :func:`text_encoders` and :func:`load_vae` (a search on noise alone, ``dipgo bench``
+and ``dipgo export`` never pay for them).
+
 Every failure is one ``ModelLoadError`` sentence saying what was given and what is accepted.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Callable
@@ -29,19 +35,25 @@ from torch import Tensor, nn
 __all__ = [
     "LoadedModel",
     "ModelLoadError",
+    "PipelineParts",
     "REFERENCE_DIR",
     "digits_classifier_features",
     "load_digits_classifier",
     "load_minilm",
     "load_model",
+    "load_vae",
     "mean_pooled_embeddings",
     "register_model",
     "registered_names",
+    "text_encoders",
 ]
 
 REFERENCE_DIR = Path(__file__).resolve().parent
 KINDS = ("diffusion_unet", "diffusion_dit", "classifier", "encoder")
 _DENOISER_SUBFOLDERS = {"unet": "diffusion_unet", "transformer": "diffusion_dit"}
+# pipeline components kept beside a denoiser (loaded on first use)
+TEXT_PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+PIPELINE_PARTS = (*TEXT_PARTS, "vae")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -59,7 +71,9 @@ class LoadedModel:
         source: where it came from (reference name, folder path or hub id).
         scheduler: the diffusers noise scheduler for denoisers, else None.
         tokenizer: the tokenizer for text encoders, else None.
-        extra: anything else worth knowing (metrics of reference models, null class label, ...).
+        extra: anything else worth knowing (metrics of reference models, null class label, ...);
+            ``"pipeline"``: the :class:`PipelineParts` of a denoiser loaded from a pipeline, and,
+            once loaded, ``"text_encoders"`` and ``"vae"`` (see :func:`text_encoders`, :func:`load_vae`).
     """
 
     model: nn.Module
@@ -196,6 +210,9 @@ def _load_diffusers(path: Path, subfolder: str | None, class_name: str, **kw: An
         ) from e
     root = path if subfolder else path.parent
     extra = _reference_extra(root)
+    parts = _local_pipeline_parts(root)
+    if parts is not None:
+        extra["pipeline"] = parts
     return LoadedModel(
         model=model.eval(),
         kind=kind,
@@ -211,6 +228,37 @@ def _load_local_scheduler(root: Path) -> Any:
         return None
     cls = _diffusers_class(_read_json(cfg_file).get("_class_name", "DDIMScheduler"))
     return cls.from_pretrained(str(root), subfolder="scheduler")
+
+
+def _local_pipeline_parts(root: Path) -> PipelineParts | None:
+    """The text encoders / tokenizers / VAE next to a denoiser, from ``model_index.json`` (what
+    ``save_pretrained`` of a pipeline writes) or, without one, from the subfolders' own configs."""
+    index_file = root / "model_index.json"
+    index = _read_json(index_file) if index_file.is_file() else {}
+    classes: dict[str, tuple[str, str]] = {}
+    for name in PIPELINE_PARTS:
+        entry = index.get(name)
+        if isinstance(entry, list) and len(entry) == 2 and entry[1]:
+            classes[name] = (entry[0], entry[1])
+        elif not index and (root / name).is_dir():
+            guessed = _guess_part_class(root / name)
+            if guessed is not None:
+                classes[name] = guessed
+    if not classes:
+        return None
+    options = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+    return PipelineParts(str(root), classes, options, {"local_files_only": True})
+
+
+def _guess_part_class(folder: Path) -> tuple[str, str] | None:
+    if (folder / "tokenizer_config.json").is_file() or (folder / "vocab.json").is_file():
+        return ("transformers", "AutoTokenizer")
+    cfg = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+    if "_class_name" in cfg:
+        return ("diffusers", cfg["_class_name"])
+    if cfg.get("architectures"):
+        return ("transformers", cfg["architectures"][0])
+    return None
 
 
 def _reference_extra(root: Path) -> dict[str, Any]:
@@ -298,18 +346,26 @@ def _load_hub(repo_id: str, **kw: Any) -> LoadedModel:
 
 
 def _load_hub_pipeline_part(repo_id: str, index: dict[str, Any], **kw: Any) -> LoadedModel:
-    """The denoiser (``unet`` or ``transformer``) and scheduler of a diffusers pipeline repo."""
+    """The denoiser (``unet`` or ``transformer``, or ``subfolder=``) and scheduler of a diffusers
+    pipeline repo; its text encoders and VAE are only recorded (loaded on first use)."""
+    wanted = kw.pop("subfolder", None)
     for sub, kind in _DENOISER_SUBFOLDERS.items():
-        if sub in index:
+        if sub in index and wanted in (None, sub):
             cls = _diffusers_class(index[sub][1])
             model = cls.from_pretrained(repo_id, subfolder=sub, **kw)  # e.g. UNet2DConditionModel
             scheduler = None
             if "scheduler" in index:
-                scheduler = _diffusers_class(index["scheduler"][1]).from_pretrained(
-                    repo_id, subfolder="scheduler"
-                )
-            return LoadedModel(model=model.eval(), kind=kind, source=repo_id, scheduler=scheduler)
-    raise ModelLoadError(f"Hub pipeline {repo_id!r} has no 'unet' or 'transformer' component.")
+                # the scheduler's own config names its class (model_index may hold a type alias)
+                sched_cfg = _hub_json(repo_id, "scheduler/scheduler_config.json") or {}
+                name = sched_cfg.get("_class_name", index["scheduler"][1])
+                scheduler = _diffusers_class(name).from_pretrained(repo_id, subfolder="scheduler")
+            classes = {n: (e[0], e[1]) for n, e in index.items()
+                       if n in PIPELINE_PARTS and isinstance(e, list) and len(e) == 2 and e[1]}
+            options = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+            extra = {"pipeline": PipelineParts(repo_id, classes, options)} if classes else {}
+            return LoadedModel(model=model.eval(), kind=kind, source=repo_id, scheduler=scheduler, extra=extra)
+    what = repr(wanted) if wanted else "'unet' or 'transformer'"
+    raise ModelLoadError(f"Hub pipeline {repo_id!r} has no {what} component.")
 
 
 def _load_timm_hub(name: str, **kw: Any) -> LoadedModel:
@@ -323,6 +379,92 @@ def _load_timm_hub(name: str, **kw: Any) -> LoadedModel:
     except Exception as e:  # noqa: BLE001
         raise _hub_error(name, e) from e
     return LoadedModel(model=model.eval(), kind="classifier", source=name)
+
+
+# ----------------------------------------------------------------------------- pipeline parts
+
+
+@dataclass
+class PipelineParts:
+    """Where a denoiser's pipeline keeps its other components, each loaded on first :meth:`get`.
+
+    Attributes:
+        root: the pipeline folder or hub id.
+        classes: component name -> ``(library, class name)``, e.g. ``"text_encoder_2":
+            ("transformers", "CLIPTextModelWithProjection")`` (from ``model_index.json``).
+        options: the pipeline's own settings in ``model_index.json`` (e.g. SDXL's
+            ``force_zeros_for_empty_prompt``).
+        load_kw: ``from_pretrained`` keywords; ``local_files_only=True`` for folders.
+    """
+
+    root: str
+    classes: dict[str, tuple[str, str]]
+    options: dict[str, Any] = field(default_factory=dict)
+    load_kw: dict[str, Any] = field(default_factory=dict)
+    _loaded: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def has(self, name: str) -> bool:
+        return name in self.classes
+
+    def config(self, name: str) -> dict[str, Any]:
+        """A component's ``config.json`` without loading its weights (``{}`` when it has none)."""
+        folder = Path(self.root) / name
+        if folder.is_dir():
+            cfg_file = folder / "config.json"
+            return _read_json(cfg_file) if cfg_file.is_file() else {}
+        try:
+            return _hub_json(self.root, f"{name}/config.json") or {}
+        except Exception as e:  # noqa: BLE001 - hub errors come in many types
+            raise _hub_error(self.root, e) from e
+
+    def get(self, name: str) -> Any:
+        """The component (in eval mode, frozen for modules), or None when the pipeline has none."""
+        if name not in self.classes:
+            return None
+        if name not in self._loaded:
+            self._loaded[name] = self._load(name)
+        return self._loaded[name]
+
+    def _load(self, name: str) -> Any:
+        library, class_name = self.classes[name]
+        if library not in ("transformers", "diffusers"):
+            raise ModelLoadError(f"Pipeline component {name!r} of {self.root!r} comes from {library!r}; dipgo loads transformers and diffusers components only.")
+        module = importlib.import_module(library)
+        cls = getattr(module, class_name, None)
+        if cls is None or not hasattr(cls, "from_pretrained"):
+            raise ModelLoadError(f"{library} has no class {class_name!r} (named for {name!r} in {self.root!r}).")
+        try:
+            part = cls.from_pretrained(self.root, subfolder=name, **self.load_kw)
+        except Exception as e:  # noqa: BLE001 - loader and hub errors come in many types
+            if Path(self.root).is_dir():
+                raise ModelLoadError(f"Cannot load the pipeline's {name} ({class_name}) in {self.root!r} ({_first_line(e)}).") from e
+            raise _hub_error(self.root, e) from e
+        if isinstance(part, nn.Module):
+            part.eval().requires_grad_(False)
+        return part
+
+
+def text_encoders(loaded: LoadedModel) -> dict[str, Any] | None:
+    """The pipeline's tokenizers and text encoders: ``{"tokenizer", "text_encoder"}`` plus, for
+    SDXL, ``{"tokenizer_2", "text_encoder_2"}`` (only the pairs the pipeline has), loaded on the
+    first call into ``loaded.extra["text_encoders"]``; None for a denoiser without text encoders."""
+    if "text_encoders" not in loaded.extra:
+        parts = loaded.extra.get("pipeline")
+        if parts is None or not any(parts.has(n) for n in TEXT_PARTS):
+            return None
+        loaded.extra["text_encoders"] = {n: parts.get(n) for n in TEXT_PARTS if parts.has(n)}
+    return loaded.extra["text_encoders"]
+
+
+def load_vae(loaded: LoadedModel) -> nn.Module | None:
+    """The pipeline's VAE (e.g. ``AutoencoderKL``), loaded on the first call into
+    ``loaded.extra["vae"]``; None for a denoiser without one (pixel-space models)."""
+    if "vae" not in loaded.extra:
+        parts = loaded.extra.get("pipeline")
+        if parts is None or not parts.has("vae"):
+            return None
+        loaded.extra["vae"] = parts.get("vae")
+    return loaded.extra["vae"]
 
 
 # ----------------------------------------------------------------------------- reference models
@@ -359,6 +501,14 @@ def load_digits_cnn(**kw: Any) -> LoadedModel:
     """Small timm ResNet digits classifier (1x16x16 in [-1, 1] -> 10 logits)."""
     loaded = _load_folder(_reference("digits_cnn"), **kw)
     loaded.source = "digits_cnn"
+    return loaded
+
+
+@register_model("digits_resnet")
+def load_digits_resnet(**kw: Any) -> LoadedModel:
+    """Deeper timm ResNet (3-4-6-3 blocks) digits classifier: the depth-pruning reference CNN."""
+    loaded = _load_folder(_reference("digits_resnet"), **kw)
+    loaded.source = "digits_resnet"
     return loaded
 
 

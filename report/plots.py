@@ -298,3 +298,32 @@ def cost_bars(
     ax.set_title(title)
     ax.margins(x=0.12)
     return _save(fig, path)
+
+
+def block_keep_plot(
+    blocks: list[str],
+    keep_probs: list[float],
+    kept: list[bool],
+    costs: list[float],
+    path: str | Path,
+    title: str = "Learned keep probability per block (removed blocks hatched)",
+) -> Path:
+    """Bars of each block's keep probability, removed blocks hatched, with each block's cost
+    share on the right: which blocks the pruner let go and what they were worth."""
+    if not (len(blocks) == len(keep_probs) == len(kept) == len(costs)) or not blocks:
+        raise ValueError("blocks, keep_probs, kept and costs must be non-empty and of equal length")
+    total = float(sum(costs)) or 1.0
+    fig, axes = _figure(figsize=(6, 1 + 0.3 * len(blocks)))
+    ax = axes[0, 0]
+    colors = ["C0" if k else "C3" for k in kept]
+    bars = ax.barh(range(len(blocks)), keep_probs, color=colors)
+    for bar, k in zip(bars, kept, strict=True):
+        if not k:
+            bar.set_hatch("//")
+    ax.bar_label(bars, [f"{c / total:.0%} of cost" for c in costs], fontsize=7, padding=2)
+    ax.set_yticks(range(len(blocks)), blocks, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.35)
+    ax.set_xlabel("P(keep)")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)

@@ -5,6 +5,7 @@
 Folders written (each with metrics.json):
   digits_cnn/   timm ResNet classifier   (model.safetensors + timm config.json; loads with
                 timm.create_model("local-dir:<folder>", pretrained=True))
+  digits_resnet/ timm ResNet-34 layout   (same layout; 3-4-6-3 blocks, the depth-pruning reference)
   digits_vit/   timm VisionTransformer   (same layout)
   digits_unet/  diffusers UNet2DModel    (unet/ + scheduler/ + samples.png)
   digits_dit/   diffusers DiT            (transformer/ + scheduler/ + samples.png)
@@ -41,6 +42,9 @@ EVAL_STEPS = 50
 DEFAULT_GUIDANCE = 2.0
 
 CNN_ARGS = dict(in_chans=1, num_classes=10, channels=(16, 32, 64, 128), stem_width=16)
+# ResNet-34 block layout with a light 3-conv stem, so the residual blocks (not a 64-channel 7x7
+# stem and its max-pool) hold most of the latency: the subject of depth pruning.
+RESNET_ARGS = dict(in_chans=1, num_classes=10, channels=(32, 64, 128, 256), stem_type="deep", stem_width=16)
 VIT_ARGS = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=3)
 UNET_ARGS = dict(
     sample_size=16,
@@ -118,6 +122,8 @@ def build_classifier(which: str) -> nn.Module:
 
     if which == "cnn":
         return timm.create_model("resnet18", **CNN_ARGS)
+    if which == "resnet":  # deeper (3-4-6-3 blocks): room for depth pruning at 30-50% latency
+        return timm.create_model("resnet34", **RESNET_ARGS)
     return timm.create_model("vit_tiny_patch16_224", **VIT_ARGS)
 
 
@@ -405,9 +411,10 @@ def _cnn_from(out: Path) -> nn.Module:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--which", choices=["unet", "dit", "cnn", "vit", "all"], default="all")
+    p.add_argument("--which", choices=["unet", "dit", "cnn", "resnet", "vit", "all"], default="all")
     p.add_argument("--out", type=Path, default=Path("models"))
     p.add_argument("--cnn-epochs", type=int, default=40)
+    p.add_argument("--resnet-epochs", type=int, default=40)
     p.add_argument("--vit-epochs", type=int, default=60)
     p.add_argument("--unet-steps", type=int, default=1200)
     p.add_argument("--dit-steps", type=int, default=1600)
@@ -426,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    todo = ["cnn", "vit", "unet", "dit"] if args.which == "all" else [args.which]
+    todo = ["cnn", "resnet", "vit", "unet", "dit"] if args.which == "all" else [args.which]
     if (
         any(w in ("unet", "dit") for w in todo)
         and "cnn" not in todo
@@ -440,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = {
         "cnn": lambda: run_classifier(
             "cnn", args.out, args.cnn_epochs, 3e-3, dict(shift_px=1.0, degrees=8, scale=0.05)
+        ),
+        "resnet": lambda: run_classifier(
+            "resnet", args.out, args.resnet_epochs, 3e-3, dict(shift_px=1.0, degrees=8, scale=0.05)
         ),
         "vit": lambda: run_classifier(
             "vit", args.out, args.vit_epochs, 2e-3, dict(shift_px=1.5, degrees=10, scale=0.08)

@@ -24,6 +24,7 @@ CONFIG_MODULE = "dipgo.configs"
 BASELINES: tuple[str, ...] = (
     "fewer_steps", "deepcache", "uniform", "static_per_block", "random",
     "first_block_cache", "pyramid_attention_broadcast", "faster_cache",
+    "weight_norm", "drop_last",
 )
 GROUPS: tuple[str, ...] = ("model", "supernet", "search", "data", "trainer", "logger", "report", "recipe")
 
@@ -72,7 +73,8 @@ def validate_config(cfg: DictConfig) -> None:
     _one_of("supernet.granularity", cfg.supernet.granularity, ("block", "layer"))
     _one_of("supernet.mode", cfg.supernet.mode, ("auto", "output", "residual"))
     _one_of("supernet.scheduler", cfg.supernet.scheduler, ("ddim", "dpmsolver++", "euler"))
-    _one_of("data.kind", cfg.data.kind, ("diffusion", "images", "text"))
+    _one_of("data.kind", cfg.data.kind, ("diffusion", "prompts", "images", "text"))
+    _one_of("supernet.cost", cfg.supernet.cost, ("macs", "latency"))
     _one_of("logger.wandb_mode", cfg.logger.wandb_mode, ("auto", "offline", "online", "disabled"))
     _one_of("search.cost.mode", cfg.search.cost.mode, ("two_sided", "hinge"))
     _one_of("search.cost.controller", cfg.search.cost.controller, ("dual", "fixed"))

@@ -33,6 +33,7 @@ class SupernetConfig:
     guidance_scale: float = 1.0  # classifier-free guidance (1 = off)
     checkpointing: bool = False  # gradient checkpointing per sampling step (less memory, ~30% slower)
     truncate_steps: int | None = None  # truncated backprop through the unrolled trajectory
+    cost: str = "macs"  # block kind: what search.target measures, macs (counted) | latency (per-block table measured on this device)
 
 
 @dataclass
@@ -78,6 +79,14 @@ class CostSchema:
 
 
 @dataclass
+class RefineSchema:
+    enabled: bool = True  # reuse kind: refine the extracted plan by sampling hard plans on calibration data
+    max_evals: int = 150  # hard-plan evaluations of the local search
+    batch: int = 16  # calibration items per evaluation
+    seeds: list[str] = field(default_factory=lambda: ["uniform", "whole_steps"])  # static schedules also tried as starting points
+
+
+@dataclass
 class SearchConfig:
     target: float = 0.25  # fraction of MACs to keep, in (0, 1]; 0.25 asks for a 4x MACs reduction
     lr: float = 0.01  # pruner learning rate (Adam)
@@ -85,16 +94,19 @@ class SearchConfig:
     pruner: PrunerSchema = field(default_factory=PrunerSchema)
     distortion: DistortionSchema = field(default_factory=DistortionSchema)
     cost: CostSchema = field(default_factory=CostSchema)
+    refine: RefineSchema = field(default_factory=RefineSchema)
 
 
 @dataclass
 class DataConfig:
-    kind: str = "diffusion"  # diffusion (noise + conditioning) | images | text
+    kind: str = "diffusion"  # diffusion (noise + class labels) | prompts (noise + text embeddings, Stable Diffusion) | images | text
     batch_size: int = 8  # calibration batch per optimisation step
     pool_size: int = 64  # calibration pool (noises / images / sentences); outputs of the original model are cached per item
     steps_per_epoch: int = 25  # optimisation steps per Lightning epoch (bookkeeping only: batches depend on the global step)
     num_classes: int | None = None  # class-conditional denoisers: labels drawn from [0, num_classes); None = read from the model
     num_workers: int = 0
+    max_length: int = 64  # text: tokens per calibration sentence (padded / truncated)
+    prompts_file: str | None = None  # prompts: a text file, one prompt per line (every 4th held out for the report); None = dipgo's built-in prompts
 
 
 @dataclass

@@ -115,3 +115,68 @@ def eval_batch(sample_shape: tuple[int, ...], num: int, num_classes: int | None,
     pool = NoisePool(num, sample_shape, seed + 100_003, num_classes)
     items = [pool[i] for i in range(num)]
     return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+class ImagePool(Dataset):
+    """Calibration images for classifiers: the first ``size`` images of a fixed shuffle of the
+    digits training split (never the test split the report evaluates on).
+
+    Item ``i``: ``{"index": i, "images": (C, H, W)}``.
+    """
+
+    def __init__(self, images: torch.Tensor, size: int, seed: int):
+        order = torch.randperm(len(images), generator=_generator(seed, 61))[: min(size, len(images))]
+        self.images = images[order].contiguous()  # (P, C, H, W)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"index": torch.tensor(index), "images": self.images[index]}
+
+
+class TextPool(Dataset):
+    """Calibration sentences for text encoders, tokenised once to a fixed length so batches stack.
+
+    Item ``i``: ``{"index": i, "input_ids": (T,), "attention_mask": (T,)}``.
+    """
+
+    def __init__(self, sentences: list[str], tokenizer: Any, size: int, max_length: int):
+        chosen = sentences[: min(size, len(sentences))]
+        enc = tokenizer(chosen, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        self.input_ids, self.attention_mask = enc["input_ids"], enc["attention_mask"]  # (P, T)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"index": torch.tensor(index), "input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index]}
+
+
+def image_datamodule(images: torch.Tensor, data_cfg: Any, seed: int) -> CalibrationDataModule:
+    """The DataModule for image classifiers: a fixed pool of training images."""
+    pool = ImagePool(images, data_cfg.pool_size, seed)
+    return CalibrationDataModule(pool, data_cfg.batch_size, data_cfg.steps_per_epoch, seed, data_cfg.num_workers)
+
+
+def text_datamodule(sentences: list[str], tokenizer: Any, data_cfg: Any, seed: int) -> CalibrationDataModule:
+    """The DataModule for text encoders: a fixed pool of tokenised training sentences."""
+    pool = TextPool(sentences, tokenizer, data_cfg.pool_size, data_cfg.max_length)
+    return CalibrationDataModule(pool, data_cfg.batch_size, data_cfg.steps_per_epoch, seed, data_cfg.num_workers)
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool items -> one batch, like the DataLoader does: tensors stacked, nested dicts (SDXL's
+    ``added_cond_kwargs``) stacked key by key (torch's ``default_collate``)."""
+    from torch.utils.data import default_collate
+
+    return default_collate(items)
+
+
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], tree: Any) -> Any:
+    """``fn`` applied to every tensor of a batch, through nested dicts (move, slice, index)."""
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: map_tensors(fn, v) for k, v in tree.items()}
+    return tree

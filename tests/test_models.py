@@ -18,7 +18,7 @@ from dipgo.models import (
     sample_digits,
 )
 
-REFERENCE = ["digits_unet", "digits_dit", "digits_cnn", "digits_vit"]
+REFERENCE = ["digits_unet", "digits_dit", "digits_cnn", "digits_resnet", "digits_vit"]
 
 
 def test_digits_split_is_fixed_and_scaled():
@@ -56,7 +56,7 @@ def test_reference_loads_offline_with_right_shapes(name):
     assert "metrics" in loaded.extra
 
 
-@pytest.mark.parametrize("name", ["digits_cnn", "digits_vit"])
+@pytest.mark.parametrize("name", ["digits_cnn", "digits_resnet", "digits_vit"])
 def test_classifier_reaches_recorded_accuracy(name):
     loaded = load_model(name)
     x, y = digits_tensors("test")
@@ -81,7 +81,7 @@ def test_sample_digits_shapes_and_range():
 
 
 @pytest.mark.parametrize(
-    "given", ["digits_resnet", "no_such_model_xyz", "./does/not/exist", "/tmp/nowhere/at/all"]
+    "given", ["digits_resnet50", "no_such_model_xyz", "./does/not/exist", "/tmp/nowhere/at/all"]
 )
 def test_unknown_names_and_bad_paths_raise_one_sentence(given):
     with pytest.raises(ModelLoadError) as err:

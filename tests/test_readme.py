@@ -26,3 +26,4 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     images = namespace["images"]
     assert tuple(images.shape) == (8, 1, 16, 16)
     assert (tmp_path / "runs" / "digits_unet_reuse").is_dir()
+    assert len(namespace["reloaded"].blocks) == 3  # the depth example: 3 of 6 ViT blocks exported

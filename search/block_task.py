@@ -1,0 +1,168 @@
+"""The ``block`` gate kind as a search task: depth pruning of classifiers and text encoders.
+
+Build: every residual block whose input and output shapes match gets a gate ``x + g (f(x) - x)``
+(:func:`dipgo.supernets.block.apply_block_gates`); with ``supernet.cost=latency`` the slots' costs
+are replaced by a per-block latency table measured on the search device. Data: digits training
+images (classifiers) or tokenised training sentences (encoders). Plan: the cheapest-to-lose
+blocks by learned keep probability until the budget holds. Evaluate: the plan and the baselines
+physically removed, measured on held-out data and timed interleaved; the SubNet exported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from dipgo.postprocess.plan import Plan
+from dipgo.search.tasks import load_configured_model, register_task
+
+KINDS = ("classifier", "encoder")
+
+
+def classifier_input_shape(model: nn.Module) -> tuple[int, int, int]:
+    """``(C, H, W)`` a timm classifier expects, from its pretrained config (digits default 1x16x16)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    c, h, w = cfg.get("input_size", (1, 16, 16))
+    return int(c), int(h), int(w)
+
+
+def digits_images(model: nn.Module, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Digits images resized / channel-repeated to the classifier's input, and their labels."""
+    from dipgo.models.digits import digits_tensors
+
+    c, h, w = classifier_input_shape(model)
+    x, y = digits_tensors(split, size=16)
+    if (h, w) != (16, 16):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    return x.repeat(1, c, 1, 1) if c != 1 else x, y
+
+
+def classifier_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits ``(B, classes)``."""
+    return model(batch["images"])
+
+
+def encoder_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Attention-mask mean-pooled last hidden state ``(B, H)`` (sentence-transformers pooling)."""
+    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def output_fn_for(kind: str) -> Any:
+    return classifier_output if kind == "classifier" else encoder_output
+
+
+def calibration_pool(loaded: Any, cfg: DictConfig) -> Any:
+    """The calibration pool: training images or training sentences (never the evaluation split)."""
+    from dipgo.search.data import ImagePool, TextPool
+
+    if loaded.kind == "classifier":
+        images, _ = digits_images(loaded.model, "train")
+        return ImagePool(images, cfg.data.pool_size, cfg.seed)
+    from dipgo.models.text import text_corpus
+
+    return TextPool(text_corpus("train"), loaded.tokenizer, cfg.data.pool_size, cfg.data.max_length)
+
+
+def _example(pool: Any, n: int = 1) -> dict[str, torch.Tensor]:
+    items = [pool[i] for i in range(n)]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "index"}
+
+
+def _check_data(loaded: Any, cfg: DictConfig) -> None:
+    from dipgo.supernets.adapters import UnsupportedModelError
+
+    if loaded.kind not in KINDS:
+        raise UnsupportedModelError(
+            f"supernet.kind=block needs a classifier (timm) or a text encoder (transformers), but {loaded.source} "
+            f"is a {loaded.kind} ({type(loaded.model).__name__})"
+        )
+    wanted = "images" if loaded.kind == "classifier" else "text"
+    if cfg.data.kind != wanted:
+        raise UnsupportedModelError(f"a {loaded.kind} calibrates on data.kind={wanted}, not {cfg.data.kind!r}")
+    if loaded.kind == "encoder" and loaded.tokenizer is None:
+        raise UnsupportedModelError(f"the encoder {loaded.source} has no tokenizer files; block search on text needs one")
+
+
+def apply_latency_costs(supernet: Any, pool: Any, cfg: DictConfig) -> dict[str, Any]:
+    """Replace the slots' MACs by a per-block latency table measured (or cached) on this device."""
+    from dipgo.report.block_latency import block_latency_table
+
+    device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu")
+    batch = _example(pool, min(len(pool), cfg.report.latency_batch))
+    model, fn = supernet.model.to(device), supernet.output_fn
+    inputs = {k: v.to(device) for k, v in batch.items()}
+    table = block_latency_table(model, supernet.blocks, inputs, lambda: fn(model, inputs), device=device,
+                                runs=max(3, cfg.report.latency_runs))
+    supernet.set_costs([table["block_s"][b] for b in supernet.blocks], table["full_s"])
+    return table
+
+
+@register_task("block")
+class BlockTask:
+    """Depth pruning: one gate per residual block."""
+
+    kind = "block"
+
+    def build(self, loaded: Any, cfg: DictConfig) -> Any:
+        from dipgo.postprocess.block_plan import check_block_reachable
+        from dipgo.supernets.block import apply_block_gates
+
+        _check_data(loaded, cfg)
+        pool = calibration_pool(loaded, cfg)
+        supernet = apply_block_gates(loaded.model, _example(pool), output_fn=output_fn_for(loaded.kind))
+        supernet.output_fn = output_fn_for(loaded.kind)
+        supernet.macs = [s.cost for s in supernet.slots]
+        supernet.full_macs = supernet.full_cost()
+        supernet.latency_table = apply_latency_costs(supernet, pool, cfg) if cfg.supernet.cost == "latency" else None
+        check_block_reachable([s.cost for s in supernet.slots], supernet.full_cost(), cfg.search.target)
+        return supernet
+
+    def datamodule(self, loaded: Any, supernet: Any, cfg: DictConfig) -> Any:
+        from dipgo.search.data import CalibrationDataModule
+
+        pool = calibration_pool(loaded, cfg)
+        return CalibrationDataModule(pool, cfg.data.batch_size, cfg.data.steps_per_epoch, cfg.seed, cfg.data.num_workers)
+
+    def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
+        from dipgo.postprocess.block_plan import extract_block_plan
+
+        meta = {"cost": cfg.supernet.cost, "model_source": cfg.model.name}
+        return extract_block_plan(probs, supernet, cfg.search.target, meta=meta)
+
+    def evaluate(self, loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
+        from dipgo.report.block_eval import evaluate_block
+
+        return evaluate_block(loaded, supernet, plan, cfg, run_dir)
+
+    def summary_lines(self, report: dict[str, Any]) -> list[str]:
+        from dipgo.report.block_eval import summary_lines
+
+        return summary_lines(report)
+
+    def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict:
+        from dipgo.report.block_eval import bench_plan
+
+        return bench_plan(cfg, plan, runs=runs, warmup=warmup, batch=batch, threads=threads)
+
+    def bench_lines(self, result: dict[str, Any]) -> list[str]:
+        from dipgo.report.block_eval import bench_lines
+
+        return bench_lines(result)
+
+    def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
+        from dipgo.postprocess.block_subnet import check_plan_matches, export_block_subnet
+        from dipgo.report.block_eval import model_source
+
+        loaded = load_configured_model(cfg)
+        check_plan_matches(loaded.model, plan)
+        path = export_block_subnet(loaded.model, plan, out, model_source(loaded))
+        if loaded.tokenizer is not None:  # the exported encoder is usable on its own, text in
+            loaded.tokenizer.save_pretrained(str(path))
+        return path
