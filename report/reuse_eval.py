@@ -1,6 +1,7 @@
 """Measure a reuse plan the way a user would: same noise, real sampler, interleaved timings.
 
-Variants, all sampled from the same evaluation noise (and class labels):
+Variants, all sampled from the same evaluation noise (and class labels, or, for text-to-image
+pipelines, embeddings of held-out prompts the search never calibrated on):
 
 * ``full``: the original model, every block at every step;
 * ``dipgo``: the plan installed on the plain diffusers model (reused blocks are not executed);
@@ -8,8 +9,11 @@ Variants, all sampled from the same evaluation noise (and class labels):
 
 Fidelity is measured against ``full`` (PSNR, SSIM) and, for the digits denoisers, with the digits
 classifier (Fréchet distance of its features to real held-out digits, i.e. an FID proxy, and
-accuracy on the conditioning class). Latency is the median of interleaved runs in one process,
-so speedups are ratios measured under the same machine load.
+accuracy on the conditioning class). Latent denoisers are compared on VAE-decoded images when
+the pipeline has a VAE, else on the latents themselves (PSNR with the full model's latent value
+range as data range); the report's ``fidelity_space`` says which. Latency is the median of
+interleaved runs in one process, so speedups are ratios measured under the same machine load
+(denoising loop only: text encoding and VAE decoding are the same for every variant).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from omegaconf import DictConfig
 
 from dipgo.postprocess.plan import Plan
 from dipgo.report.latency import compare_latency, speedup
+from dipgo.search.data import map_tensors
 
 DIGITS_SOURCES = ("digits_unet", "digits_dit")
 
@@ -139,22 +144,80 @@ def _digits_judge(loaded: Any) -> tuple[Any, torch.Tensor] | None:
     return classifier, feats
 
 
+def eval_items(loaded: Any, cfg: DictConfig, num: int, seed: int, split: str = "evaluation") -> dict[str, Any]:
+    """A fixed batch of ``num`` items (no ``index``): noise (+ class labels), or with
+    ``data.kind=prompts`` noise + embeddings of the ``split`` prompts (held out: ``evaluation``)."""
+    from dipgo.search.data import collate, eval_batch
+    from dipgo.search.reuse_task import sample_spec
+
+    if cfg.data.kind == "prompts":
+        from dipgo.search.prompts import prompt_pool
+
+        pool = prompt_pool(loaded, num, seed + 100_003, split=split, prompts_file=cfg.data.prompts_file)
+        items = collate([pool[i] for i in range(num)])
+        items["prompts"] = [pool.prompts[i % len(pool.prompts)] for i in range(num)]
+    else:
+        shape, num_classes = sample_spec(loaded.model)
+        items = eval_batch(shape, num, num_classes, seed)
+    items.pop("index", None)
+    return items
+
+
+@torch.no_grad()
+def _decode(vae: torch.nn.Module, latents: torch.Tensor, device: torch.device, chunk: int = 4) -> torch.Tensor:
+    """Latents -> images ``(B, 3, H', W')`` in [-1, 1], as the diffusers pipelines decode them."""
+    scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+    vae.to(device)
+    try:
+        images = [vae.decode(z.to(device) / scale + shift).sample.clamp(-1, 1).float().cpu() for z in latents.split(chunk)]
+    finally:
+        vae.to("cpu")
+    return torch.cat(images)
+
+
+def _fidelity_space(loaded: Any, samples: dict[str, torch.Tensor], device: torch.device, cfg: DictConfig
+                    ) -> tuple[dict[str, torch.Tensor], str, float]:
+    """``(what is compared, its name, PSNR/SSIM data range)``: pixels, VAE-decoded images or latents."""
+    from dipgo.models.registry import load_vae
+
+    vae = load_vae(loaded) if getattr(loaded, "extra", None) is not None else None
+    if vae is not None:
+        return {k: _decode(vae, v, device) for k, v in samples.items()}, "images (VAE-decoded latents)", 2.0
+    full = samples["full"]
+    if cfg.data.kind != "prompts" and full.shape[1] in (1, 3):
+        return samples, "images", 2.0
+    data_range = float(full.max() - full.min()) or 1.0  # the full model's latent value range
+    return samples, "latents", data_range
+
+
+def _viewable(images: dict[str, torch.Tensor], space: str) -> dict[str, torch.Tensor]:
+    """Latents as pictures: the first 3 channels (or the first), one scale for every variant."""
+    if space != "latents":
+        return images
+    full = images["full"]
+    channels = 3 if full.shape[1] >= 3 else 1
+    scale = float(full[:, :channels].abs().max()) or 1.0
+    return {k: v[:, :channels] / scale for k, v in images.items()}
+
+
 def evaluate_reuse(
     loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Sample, score, time and plot every variant; return ``(report, {plot name: path})``."""
-    from dipgo.report.fidelity import image_fidelity
-    from dipgo.search.data import eval_batch
-    from dipgo.search.reuse_task import sample_spec
+    from dipgo.report.fidelity import image_fidelity, psnr, ssim
 
     model = loaded.model
-    shape, num_classes = sample_spec(model)
     sched_cfg = dict(loaded.scheduler.config) if getattr(loaded, "scheduler", None) is not None else None
     run = _sampler(model, cfg, sched_cfg)
 
     device = next(model.parameters()).device
-    batch = _batch(eval_batch(shape, cfg.report.num_samples, num_classes, cfg.report.eval_seed), device)
-    calib = _batch(eval_batch(shape, min(8, cfg.report.num_samples), num_classes, cfg.report.eval_seed + 7), device)
+    batch = eval_items(loaded, cfg, cfg.report.num_samples, cfg.report.eval_seed)
+    eval_prompts = batch.pop("prompts", None)
+    batch = _batch(batch, device)
+    # baselines calibrate (block change scores) on calibration prompts, never on the held-out ones
+    calib = eval_items(loaded, cfg, min(8, cfg.report.num_samples), cfg.report.eval_seed + 7, split="calibration")
+    calib.pop("prompts", None)
+    calib = _batch(calib, device)
     # the SubNet (hooks on the plain model) must reproduce the SuperNet's hard-gated trajectory
     grid = torch.tensor(plan.compute, dtype=torch.bool)
     with torch.no_grad():
@@ -165,12 +228,18 @@ def evaluate_reuse(
 
     judge = _digits_judge(loaded)
     labels = batch["class_labels"].cpu() if "class_labels" in batch else None
+    compared, space, data_range = _fidelity_space(loaded, samples, device, cfg)
     fidelity: dict[str, dict[str, float]] = {}
     for v in variants[1:]:
+        if space == "latents":
+            fidelity[v.name] = {"psnr": psnr(compared[v.name], compared["full"], data_range),
+                                "ssim": ssim(compared[v.name], compared["full"], data_range)}
+            continue
         kw = {"classifier": judge[0], "real_features": judge[1], "labels": labels} if judge else {}
-        fidelity[v.name] = image_fidelity(samples[v.name], samples["full"], **kw)
+        fidelity[v.name] = image_fidelity(compared[v.name], compared["full"], **kw)
 
-    lat_batch = {k: t[: cfg.report.latency_batch] for k, t in batch.items()}
+    n_lat = cfg.report.latency_batch
+    lat_batch = map_tensors(lambda t: t[:n_lat], batch)
     fns = {v.name: (lambda v=v: v.run(lat_batch)) for v in variants}
     latency = compare_latency(fns, warmup=cfg.report.latency_warmup, runs=cfg.report.latency_runs, device=device)
 
@@ -199,22 +268,27 @@ def evaluate_reuse(
         "target": cfg.search.target,
         "macs": {"full_per_sample": supernet.full_cost(), "plan_ratio": plan.cost_ratio},
         "full": {"fd": _finite(dipgo_fid.get("fd_reference")), "accuracy": _finite(dipgo_fid.get("accuracy_reference"))},
+        "conditioning": "prompts" if eval_prompts is not None else ("class labels" if labels is not None else "none"),
+        "fidelity_space": space,
+        "fidelity_data_range": data_range,
         "variants": rows,
         "skipped_baselines": skipped,
         "latency": {n: r.to_dict() for n, r in latency.items()},
-        "latency_batch": int(next(iter(lat_batch.values())).shape[0]),
+        "latency_batch": int(lat_batch["noise"].shape[0]),
         "num_eval_samples": cfg.report.num_samples,
         "subnet_vs_supernet_max_abs_diff": consistency,
         "closed_slots": plan.num_closed,
     }
+    if eval_prompts is not None:
+        report["eval_prompts"] = sorted(set(eval_prompts))  # held out from the calibration pool
     labels_by_name = {v.name: v.label for v in variants}
-    plots = _plots(samples, labels_by_name, plan, supernet, run_dir) if cfg.report.plots else {}
+    plots = _plots(_viewable(compared, space), labels_by_name, plan, supernet, run_dir) if cfg.report.plots else {}
     return report, plots
 
 
-def _batch(items: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def _batch(items: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, Any]:
     items.pop("index", None)
-    return {k: v.to(device) for k, v in items.items()}
+    return map_tensors(lambda t: t.to(device), items)
 
 
 def _finite(value: Any) -> Any:
@@ -259,6 +333,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             f"{v['label'][:29]:<30}{v['macs_ratio']:>8.1%}{v['speedup']:>8.2f}x"
             f"{_fmt(v.get('psnr'), '.1f'):>8}{_fmt(v.get('ssim'), '.3f'):>7}{_fmt(v.get('fd'), '.2f'):>8}{_fmt(v.get('accuracy'), '.0%'):>7}"
         )
+    if report.get("fidelity_space") not in (None, "images"):
+        lines.append(f"PSNR/SSIM vs the full model on {report['fidelity_space']}"
+                     + (f" (data range {report['fidelity_data_range']:.2f})" if report["fidelity_space"] == "latents" else ""))
     full = report.get("full", {})
     if full.get("fd") is not None:
         lines.append(f"full model: FD {full['fd']:.2f}, accuracy {full['accuracy']:.0%} (FD = Fréchet distance in digits-classifier features to real held-out digits)")
@@ -276,8 +353,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 def bench_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict[str, Any]:
     """Time a saved plan against its full model (``dipgo bench``)."""
-    from dipgo.search.data import eval_batch
-    from dipgo.search.reuse_task import ReuseTask, sample_spec
+    from dipgo.search.reuse_task import ReuseTask
     from dipgo.search.tasks import load_configured_model
 
     loaded = load_configured_model(cfg)
@@ -286,9 +362,8 @@ def bench_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: in
 
     validate_plan(plan, supernet)
     supernet.remove()  # validated; time the plan on the plain model
-    shape, num_classes = sample_spec(loaded.model)
-    b = eval_batch(shape, batch, num_classes, cfg.report.eval_seed)
-    b.pop("index")
+    b = eval_items(loaded, cfg, batch, cfg.report.eval_seed)
+    b.pop("prompts", None)
     sched_cfg = dict(loaded.scheduler.config) if loaded.scheduler is not None else None
     run = _sampler(loaded.model, cfg, sched_cfg)
     steps = int(plan.num_steps)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dipgo.losses.cost import CostConfig, CostController, cost_loss
 from dipgo.losses.distortion import DistortionConfig, distortion
-from dipgo.search.data import _generator
+from dipgo.search.data import _generator, collate, map_tensors
 from dipgo.search.pruner import PrunerConfig, PrunerNetwork, gumbel_gates, keep_probs, temperature
 from dipgo.supernets.gates import SuperNet
 
@@ -98,7 +98,7 @@ class SearchModule(pl.LightningModule):
             self.distortion_scale_buffer.fill_(1.0)
             return
         items = [self._pool[i] for i in range(n)]
-        batch = {k: torch.stack([it[k] for it in items]).to(self.device) for k in items[0]}
+        batch = map_tensors(lambda t: t.to(self.device), collate(items))
         reference = self._reference(batch)
         gen = _generator(self.seed, 53)
         gates = (torch.rand(len(self.supernet.slots), generator=gen) < self.target).float().to(self.device)
@@ -122,7 +122,7 @@ class SearchModule(pl.LightningModule):
         todo = [i for i in range(len(self._pool)) if i not in self._ref_cache]
         for start in range(0, len(todo), self._ref_chunk):
             items = [self._pool[i] for i in todo[start : start + self._ref_chunk]]
-            batch = {k: torch.stack([it[k] for it in items]).to(self.device) for k in items[0]}
+            batch = map_tensors(lambda t: t.to(self.device), collate(items))
             self._reference(batch)
 
     def _reference(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,7 +130,7 @@ class SearchModule(pl.LightningModule):
         indices = batch["index"].tolist()
         missing = [i for i, idx in enumerate(indices) if idx not in self._ref_cache]
         if missing:
-            sub = {k: v[missing] for k, v in batch.items() if k != "index" and torch.is_tensor(v)}
+            sub = {k: map_tensors(lambda t: t[missing], v) for k, v in batch.items() if k != "index"}
             with torch.no_grad():
                 ref = self.supernet.reference(sub)
             for j, i in enumerate(missing):

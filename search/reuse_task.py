@@ -1,22 +1,26 @@
 """The ``reuse`` gate kind as a search task: DiP-GO timestep feature reuse for diffusers denoisers.
 
 Build: wrap the denoiser into a :class:`~dipgo.supernets.reuse.ReuseSuperNet`. Data: a pool of
-noises (+ class labels). Plan: exact-budget extraction with dependency repair. Evaluate: sample
-the same evaluation noise with the full model, the SubNet (plan installed on the plain diffusers
-model, reused blocks really skipped) and baselines at the same MACs; measure fidelity and
-interleaved wall-clock latency; draw the heatmap, sample grid and loss curves.
+noises (+ class labels), or of noises + prompt embeddings for text-to-image pipelines
+(``data.kind=prompts``, :mod:`dipgo.search.prompts`). Plan: exact-budget extraction with
+dependency repair. Evaluate: sample the same evaluation noise with the full model, the SubNet
+(plan installed on the plain diffusers model, reused blocks really skipped) and baselines at the
+same MACs; measure fidelity and interleaved wall-clock latency; draw the heatmap, sample grid and
+loss curves.
 """
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from torch.utils.data import Dataset
 
 from dipgo.postprocess.plan import Plan
-from dipgo.search.data import diffusion_datamodule, eval_batch
+from dipgo.search.data import CalibrationDataModule, NoisePool, collate, map_tensors
 from dipgo.search.tasks import load_configured_model, register_task
 
 
@@ -32,6 +36,44 @@ def sample_spec(model: torch.nn.Module) -> tuple[tuple[int, int, int], int | Non
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     # the null label sits right after the real classes, so its index is the class count
     return (model.config.in_channels, h, w), null_class_for(model)
+
+
+def _text_conditioned(model: torch.nn.Module) -> bool:
+    """Cross-attention denoisers (UNet2DConditionModel, PixArt) need text embeddings, not labels."""
+    return getattr(model.config, "cross_attention_dim", None) is not None
+
+
+# The pool of the last search per denoiser: refine() only sees the SuperNet, and the prompt
+# embeddings are worth computing once (weak keys: a dropped model frees its pool).
+_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def calibration_pool(loaded_or_model: Any, cfg: DictConfig) -> Dataset:
+    """The search's calibration pool: ``NoisePool`` (``data.kind=diffusion``) or ``PromptPool``
+    (``data.kind=prompts``, which needs the ``LoadedModel`` the first time: its text encoders).
+
+    ``ReuseTask.build``/``datamodule`` pass the ``LoadedModel``; ``refine`` passes the denoiser
+    and gets the same pool object back.
+    """
+    is_model = isinstance(loaded_or_model, torch.nn.Module)
+    model = loaded_or_model if is_model else loaded_or_model.model
+    key = (cfg.data.kind, cfg.data.pool_size, cfg.seed, cfg.data.num_classes, cfg.data.get("prompts_file"))
+    cached = _POOLS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    if cfg.data.kind == "prompts":
+        from dipgo.search.prompts import prompt_pool
+
+        if is_model:
+            raise ValueError("the prompt pool is built from the loaded pipeline (its text encoders): pass the LoadedModel")
+        pool: Dataset = prompt_pool(loaded_or_model, cfg.data.pool_size, cfg.seed, prompts_file=cfg.data.prompts_file)
+    else:
+        shape, num_classes = sample_spec(model)
+        if cfg.data.num_classes is not None:
+            num_classes = cfg.data.num_classes
+        pool = NoisePool(cfg.data.pool_size, shape, cfg.seed, num_classes)
+    _POOLS[model] = (key, pool)
+    return pool
 
 
 def reuse_config(cfg: DictConfig, loaded: Any) -> Any:
@@ -65,19 +107,24 @@ class ReuseTask:
                 f"supernet.kind=reuse needs a diffusion denoiser (a diffusers UNet or DiT), but {loaded.source} "
                 f"is a {loaded.kind} ({type(loaded.model).__name__})"
             )
-        if cfg.data.kind != "diffusion":
-            raise UnsupportedModelError(f"supernet.kind=reuse calibrates on data.kind=diffusion (noise + labels), not {cfg.data.kind!r}")
-
-        shape, num_classes = sample_spec(loaded.model)
-        example = eval_batch(shape, 1, num_classes, cfg.seed)
+        if cfg.data.kind not in ("diffusion", "prompts"):
+            raise UnsupportedModelError(
+                f"supernet.kind=reuse calibrates on data.kind=diffusion (noise + labels) or prompts (noise + text), not {cfg.data.kind!r}"
+            )
+        if cfg.data.kind == "diffusion" and _text_conditioned(loaded.model):
+            raise UnsupportedModelError(
+                f"{loaded.source} is a text-conditioned {type(loaded.model).__name__}: use data=prompts (noise + prompt embeddings)"
+            )
+        try:
+            example = collate([calibration_pool(loaded, cfg)[0]])  # one item: the shapes MACs are counted at
+        except ValueError as e:  # no text encoders, a bad prompts file: one sentence
+            raise UnsupportedModelError(str(e)) from e
         example.pop("index")
         return apply_reuse(loaded.model, reuse_config(cfg, loaded), example)
 
     def datamodule(self, loaded: Any, supernet: Any, cfg: DictConfig) -> Any:
-        shape, num_classes = sample_spec(loaded.model)
-        if cfg.data.num_classes is not None:
-            num_classes = cfg.data.num_classes
-        return diffusion_datamodule(shape, num_classes, cfg.data, cfg.seed)
+        return CalibrationDataModule(calibration_pool(loaded, cfg), cfg.data.batch_size, cfg.data.steps_per_epoch,
+                                     cfg.seed, cfg.data.num_workers)
 
     def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
         from dipgo.postprocess.reuse_plan import extract_reuse_plan
@@ -86,7 +133,10 @@ class ReuseTask:
                 "model_source": cfg.model.name}
         grid = supernet.gate_grid(probs)  # (S, B), row 0 = 1
         meta["keep_probs"] = [[round(float(p), 4) for p in row] for row in grid]
-        return extract_reuse_plan(probs, supernet, cfg.search.target, meta=meta)
+        plan = extract_reuse_plan(probs, supernet, cfg.search.target, meta=meta)
+        if cfg.search.refine.enabled:
+            plan = refine(plan, probs, supernet, cfg)
+        return plan
 
     def evaluate(self, loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
         from dipgo.report.reuse_eval import evaluate_reuse
@@ -121,3 +171,39 @@ class ReuseTask:
             source=cfg.model.name,
         )
         return subnet.save(out)
+
+
+def refine(plan: Plan, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
+    """The extracted plan refined on calibration data (see :mod:`dipgo.postprocess.reuse_refine`)."""
+    from dipgo.postprocess.reuse_baselines import baseline_plans
+    from dipgo.postprocess.reuse_refine import RefineConfig, refine_grid, whole_steps_grid
+
+    rc = cfg.search.refine
+    config = RefineConfig(enabled=True, max_evals=rc.max_evals, batch=rc.batch, seeds=tuple(rc.seeds))
+    pool = calibration_pool(supernet.model, cfg)
+    batch = collate([pool[i] for i in range(min(config.batch, len(pool)))])
+    batch.pop("index")
+    device = next(supernet.model.parameters()).device  # where the search left the model (a GPU)
+    batch = map_tensors(lambda t: t.to(device), batch)
+    reference = supernet.reference(batch)["output"]
+
+    def score(grid: list[list[bool]]) -> float:
+        """Mean per-item log MSE (= minus the mean PSNR, up to constants): the report's metric,
+        and less dominated by one hard item than the pooled MSE."""
+        err = ((supernet.sample(batch, grid) - reference) ** 2).flatten(1).mean(1)  # (B,)
+        return float(torch.log10(err.clamp_min(1e-20)).mean())
+
+    target = plan.target
+    seeds = {"learned": plan.compute}
+    if "whole_steps" in config.seeds:
+        seeds["whole_steps"] = whole_steps_grid(supernet, target)
+    static = [n for n in config.seeds if n != "whole_steps"]
+    if static:
+        plans, _ = baseline_plans(supernet, target, static, calib_batch=batch, seed=cfg.seed)
+        seeds.update({n: p.compute for n, p in plans.items()})  # refine_grid repairs any over budget
+    slot_probs = torch.as_tensor(probs, dtype=torch.float64).reshape(supernet.grid_shape)  # (S-1, B)
+    grid, info = refine_grid(supernet, seeds, slot_probs, target, score, config, seed=cfg.seed)
+    plan.compute = (supernet.effective(torch.tensor(grid, dtype=torch.float64)) > 0.5).tolist()
+    plan.cost_ratio = supernet.plan_cost(plan.compute)
+    plan.meta["refine"] = info
+    return plan

@@ -69,7 +69,94 @@ def tiny_search_overrides(model_dir: Path, runs_root: Path, **extra: object) -> 
         "report.latency_batch": 2,
         "logger.wandb": False,
         "search.target": 0.5,
+        "search.refine.max_evals": 6,
+        "search.refine.batch": 2,
         "report.baselines": "[fewer_steps,deepcache,random]",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def _tiny_clip_tokenizer(folder: Path, max_length: int) -> object:
+    """A CLIPTokenizer over single characters (vocab.json + merges.txt written here, one merge)."""
+    import json
+    import string
+
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(string.ascii_lowercase + string.digits + ",.-'!")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for s in symbols + [f"{s}</w>" for s in symbols] + ["th", "the</w>"]:
+        vocab[s] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
+    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=max_length)
+
+
+def _tiny_clip_text(projection: bool, hidden: int, vocab_size: int, max_length: int) -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_length,
+                            projection_dim=hidden, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _tiny_vae() -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+                         norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16)
+
+
+def _tiny_cond_unet(cross_attention_dim: int, **extra: object) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, cross_attention_dim=cross_attention_dim, attention_head_dim=2,
+        # cross-attention in the low-resolution level, so DeepCache's shallow branch is cheap (as in SD)
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **extra,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight SD-1.5-style pipeline folder (save_pretrained of a StableDiffusionPipeline):
+    8x8x4 latents, cross-attention UNet, CLIP text encoder + tokenizer, DDIM, a 2-level VAE."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny_sd")
+    tokenizer = _tiny_clip_tokenizer(root / "_tokenizer_src", max_length=12)
+    pipe = StableDiffusionPipeline(
+        vae=_tiny_vae(), text_encoder=_tiny_clip_text(False, 16, len(tokenizer), 12), tokenizer=tokenizer,
+        unet=_tiny_cond_unet(16),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, steps_offset=1, set_alpha_to_one=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight SDXL-style pipeline folder: two CLIP encoders (the second with a projection),
+    a UNet with the text_time added conditioning, Euler scheduler, no VAE (latent fidelity)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny_sdxl")
+    tokenizer = _tiny_clip_tokenizer(root / "_tokenizer_src", max_length=12)
+    enc1, enc2 = _tiny_clip_text(False, 16, len(tokenizer), 12), _tiny_clip_text(True, 16, len(tokenizer), 12)
+    unet = _tiny_cond_unet(32, addition_embed_type="text_time", addition_time_embed_dim=4,
+                           projection_class_embeddings_input_dim=16 + 6 * 4)
+    pipe = StableDiffusionXLPipeline(
+        vae=None, text_encoder=enc1, text_encoder_2=enc2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=unet, scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear"),
+    )
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"

@@ -1,0 +1,66 @@
+"""The post-search refinement: never worse than its best seed, always within budget, reproducible."""
+
+from __future__ import annotations
+
+import torch
+
+from dipgo.postprocess.reuse_refine import RefineConfig, fill_slack, refine_grid, whole_steps_grid
+
+
+class FakeSuperNet:
+    """Additive costs: every (step, block) slot costs its block's weight; step 0 always runs."""
+
+    def __init__(self, steps: int = 8, weights: tuple[float, ...] = (1.0, 2.0, 1.0)):
+        self.num_steps, self.weights = steps, weights
+        self.block_names = [f"b{i}" for i in range(len(weights))]
+
+    def plan_cost(self, grid: list[list[bool]]) -> float:
+        total = sum(self.weights) * self.num_steps
+        return sum(w for row in grid for w, on in zip(self.weights, row) if on) / total
+
+
+def test_whole_steps_grid_is_the_largest_even_spacing_within_budget() -> None:
+    sn = FakeSuperNet()
+    grid = whole_steps_grid(sn, 0.5)
+    assert sn.plan_cost(grid) <= 0.5
+    assert sum(all(r) for r in grid) == 4 and all(all(r) or not any(r) for r in grid)  # round(0.5 * 8) steps
+    assert grid[0] == [True] * 3
+
+
+def test_fill_slack_spends_leftover_budget_on_the_likeliest_slots() -> None:
+    sn = FakeSuperNet()
+    grid = [[True] * 3] + [[False] * 3 for _ in range(7)]
+    probs = torch.zeros(7, 3)
+    probs[4, 0] = 0.9  # step 5, block 0
+    filled = fill_slack(sn, grid, probs, target=0.125 + 1 / 32)
+    assert filled[5][0] and sum(map(sum, filled)) == 4
+    assert sn.plan_cost(filled) <= 0.125 + 1 / 32
+
+
+def test_refine_never_worse_than_the_best_seed_and_reproducible() -> None:
+    sn = FakeSuperNet()
+    target = 0.5
+
+    def score(grid: list[list[bool]]) -> float:  # prefers computing late steps
+        return -float(sum(s for s, row in enumerate(grid) for on in row if on))
+
+    seeds = {"learned": whole_steps_grid(sn, target), "early": [[s < 4] * 3 for s in range(8)]}
+    cfg = RefineConfig(max_evals=60)
+    probs = torch.full((7, 3), 0.5)
+    grid, info = refine_grid(sn, seeds, probs, target, score, cfg, seed=3)
+    again, _ = refine_grid(sn, seeds, probs, target, score, cfg, seed=3)
+    assert grid == again
+    assert sn.plan_cost(grid) <= target + 1e-12
+    assert info["final_score"] <= min(info["seed_scores"].values())
+    assert info["final_score"] < info["seed_scores"][info["start"]]  # the local search found better moves
+
+
+def test_repair_closes_the_least_likely_slots_until_the_plan_fits() -> None:
+    from dipgo.postprocess.reuse_refine import repair
+
+    sn = FakeSuperNet()
+    grid = [[True] * 3 for _ in range(8)]
+    probs = torch.ones(7, 3)
+    probs[2, 1] = 0.0  # step 3, block 1 (weight 2) goes first
+    fixed = repair(sn, grid, probs, target=1 - 2 / 32)
+    assert not fixed[3][1] and sum(map(sum, fixed)) == 23
