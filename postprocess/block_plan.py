@@ -14,7 +14,7 @@ ratio is ``(full - removed) / full``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -104,3 +104,55 @@ def baseline_block_plan(name: str, supernet: Any, target: float, seed: int = 0) 
 
     keep = fill_budget(importance, [s.cost for s in supernet.slots], supernet.full_cost(), target)
     return make_block_plan(supernet, keep, target, {"selection": name})
+
+
+def _refill(keep: list[bool], importance: Sequence[float], costs: Sequence[float], full: float, target: float) -> list[bool]:
+    """Re-open closed blocks, most important first, while the budget holds."""
+    keep = list(keep)
+    for i in sorted((i for i, k in enumerate(keep) if not k), key=lambda i: -importance[i]):
+        keep[i] = True
+        if kept_ratio(keep, costs, full) > target + 1e-12:
+            keep[i] = False
+    return keep
+
+
+def refine_block_keep(
+    seeds: dict[str, list[bool]], importance: Sequence[float], costs: Sequence[float], full: float, target: float,
+    score: Callable[[list[bool]], float], max_evals: int = 100,
+) -> tuple[list[bool], dict[str, Any]]:
+    """Best seed by measured ``score`` (lower is better), then swap search within the budget.
+
+    A move re-opens one closed block and closes one open block (most promising pairs first, by
+    the learned importance); the first move that lowers the score is kept, then any slack is
+    re-filled, until no swap helps or ``max_evals`` plans were measured. With a handful of blocks
+    this visits every neighbour, so the plan is a local optimum of the *hard* objective, which the
+    straight-through relaxation of the search only approximates.
+    """
+    seed_scores = {name: score(k) for name, k in seeds.items()}
+    start = min(seed_scores, key=seed_scores.get)
+    keep, best = list(seeds[start]), seed_scores[start]
+    evals, accepted, improved = len(seeds), 0, True
+    while improved and evals < max_evals:
+        improved = False
+        closed = sorted((i for i, k in enumerate(keep) if not k), key=lambda i: -importance[i])
+        opened = sorted((i for i, k in enumerate(keep) if k), key=lambda i: importance[i])
+        for i in closed:
+            for j in opened:
+                cand = list(keep)
+                cand[i], cand[j] = True, False
+                if kept_ratio(cand, costs, full) > target + 1e-12:
+                    continue
+                cand = _refill(cand, importance, costs, full, target)
+                evals += 1
+                value = score(cand)
+                if value < best:
+                    keep, best, improved = cand, value, True
+                    accepted += 1
+                    break
+                if evals >= max_evals:
+                    break
+            if improved or evals >= max_evals:
+                break
+    info = {"seed_scores": {k: float(f"{v:.6g}") for k, v in seed_scores.items()}, "start": start,
+            "final_score": float(f"{best:.6g}"), "evaluations": evals, "accepted_moves": accepted}
+    return keep, info

@@ -125,6 +125,10 @@ def evaluate_block(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_
     ref = outputs(model, kind, data)
     plans, skipped = plan_variants(supernet, plan, cfg)
     models = {"full": model, **{name: measured_variant(model, p) for name, p in plans.items()}}
+    tuned = finetuned(model, supernet, plan, cfg, run_dir)
+    if tuned is not None:  # the distilled SubNet is what gets exported
+        plans["dipgo+finetune"] = plan
+        models["dipgo+finetune"] = measured_variant(tuned, plan)
 
     lat_inputs = _latency_inputs(data, cfg.report.latency_batch)
     fn = output_fn_for(kind)
@@ -147,7 +151,7 @@ def evaluate_block(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_
             **fidelity(kind, outputs(m, kind, data), ref, data.get("labels")),
         }
         variants.append(entry)
-    export_dir = export_block_subnet(model, plan, run_dir / "subnet", model_source(loaded))
+    export_dir = export_block_subnet(tuned if tuned is not None else model, plan, run_dir / "subnet", model_source(loaded))
     if loaded.tokenizer is not None:  # the exported encoder is usable on its own, text in
         loaded.tokenizer.save_pretrained(str(export_dir))
     report = {
@@ -170,6 +174,24 @@ def evaluate_block(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_
     }
     plots = _plots(report, plan, run_dir) if cfg.report.plots else {}
     return report, plots
+
+
+def finetuned(model: nn.Module, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> nn.Module | None:
+    """The progressively distilled model when ``search.finetune.enabled`` (see :mod:`dipgo.search.finetune`)."""
+    if not cfg.search.finetune.enabled:
+        return None
+    from pytorch_lightning.loggers import CSVLogger
+
+    from dipgo.losses.distortion import DistortionConfig
+    from dipgo.search.finetune import FinetuneConfig, finetune_subnet
+    from dipgo.search.module import _dataclass_from
+
+    ft = _dataclass_from(FinetuneConfig, cfg.search.finetune)
+    accelerator = "gpu" if cfg.trainer.accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
+    logger = CSVLogger(str(run_dir), name="logs", version="finetune") if cfg.logger.csv else False
+    return finetune_subnet(model, plan, supernet.calibration_pool, supernet.output_fn,
+                           _dataclass_from(DistortionConfig, cfg.search.distortion), ft,
+                           accelerator=accelerator, seed=cfg.seed, logger=logger)
 
 
 class _Call(nn.Module):
@@ -195,7 +217,7 @@ def _plots(report: dict[str, Any], plan: Plan, run_dir: Path) -> dict[str, Path]
     plots_dir = run_dir / "plots"
     key = report["fidelity_metric"]
     points = [
-        {"name": v["name"], "speedup": v["speedup"], "fidelity": v[key], "group": "dipgo" if v["name"] == "dipgo" else
+        {"name": v["name"], "speedup": v["speedup"], "fidelity": v[key], "group": "dipgo" if v["name"].startswith("dipgo") else
          ("full" if v["name"] == "full" else "baseline")}
         for v in report["variants"]
     ]

@@ -118,6 +118,7 @@ class BlockTask:
         pool = calibration_pool(loaded, cfg)
         supernet = apply_block_gates(loaded.model, _example(pool), output_fn=output_fn_for(loaded.kind))
         supernet.output_fn = output_fn_for(loaded.kind)
+        supernet.calibration_pool = pool  # the refinement scores hard plans on its first items
         supernet.macs = [s.cost for s in supernet.slots]
         supernet.full_macs = supernet.full_cost()
         supernet.latency_table = apply_latency_costs(supernet, pool, cfg) if cfg.supernet.cost == "latency" else None
@@ -134,7 +135,8 @@ class BlockTask:
         from dipgo.postprocess.block_plan import extract_block_plan
 
         meta = {"cost": cfg.supernet.cost, "model_source": cfg.model.name}
-        return extract_block_plan(probs, supernet, cfg.search.target, meta=meta)
+        plan = extract_block_plan(probs, supernet, cfg.search.target, meta=meta)
+        return refine(plan, probs, supernet, cfg) if cfg.search.refine.enabled else plan
 
     def evaluate(self, loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
         from dipgo.report.block_eval import evaluate_block
@@ -166,3 +168,37 @@ class BlockTask:
         if loaded.tokenizer is not None:  # the exported encoder is usable on its own, text in
             loaded.tokenizer.save_pretrained(str(path))
         return path
+
+
+def refine(plan: Plan, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
+    """The extracted plan refined by measuring hard plans on calibration data (swap search).
+
+    Seeds: the learned plan plus the configured static criteria (``search.refine.seeds`` entries
+    that are block baselines); the score is the search's own distortion on the first
+    ``search.refine.batch`` calibration items, against the original model.
+    """
+    from dipgo.losses.distortion import DistortionConfig, distortion
+    from dipgo.postprocess.block_plan import BLOCK_BASELINES, baseline_block_plan, refine_block_keep
+    from dipgo.postprocess.block_subnet import make_block_plan
+    from dipgo.search.data import collate
+    from dipgo.search.module import _dataclass_from
+
+    dist_cfg = _dataclass_from(DistortionConfig, cfg.search.distortion)
+    pool = supernet.calibration_pool
+    items = [pool[i] for i in range(min(cfg.search.refine.batch, len(pool)))]
+    batch = {k: v for k, v in collate(items).items() if k != "index"}
+    reference = supernet.reference(batch)
+
+    def score(keep: list[bool]) -> float:
+        gates = torch.tensor([1.0 if k else 0.0 for k in keep])
+        with torch.no_grad():
+            return float(distortion(supernet.gated(batch, gates), reference, dist_cfg)["total"])
+
+    seeds = {"learned": plan.compute[0]}
+    for name in cfg.search.refine.seeds:
+        if name in BLOCK_BASELINES and name != "random":
+            seeds[name] = baseline_block_plan(name, supernet, plan.target, seed=cfg.seed).compute[0]
+    costs = [s.cost for s in supernet.slots]
+    keep, info = refine_block_keep(seeds, probs.tolist(), costs, supernet.full_cost(), plan.target, score,
+                                   max_evals=cfg.search.refine.max_evals)
+    return make_block_plan(supernet, keep, plan.target, {**plan.meta, "refine": info})

@@ -80,10 +80,19 @@ class CostSchema:
 
 @dataclass
 class RefineSchema:
-    enabled: bool = True  # reuse kind: refine the extracted plan by sampling hard plans on calibration data
+    enabled: bool = True  # refine the extracted plan by measuring hard plans on calibration data
     max_evals: int = 150  # hard-plan evaluations of the local search
     batch: int = 16  # calibration items per evaluation
-    seeds: list[str] = field(default_factory=lambda: ["uniform", "whole_steps"])  # static schedules also tried as starting points
+    seeds: list[str] = field(default_factory=lambda: ["uniform", "whole_steps", "weight_norm", "drop_last"])  # static plans also tried as starting points (each kind uses its own: reuse uniform/whole_steps, block weight_norm/drop_last)
+
+
+@dataclass
+class FinetuneSchema:
+    enabled: bool = False  # block kind: distil the SubNet after the search, closed blocks faded out progressively (UPDP-style)
+    steps: int = 100  # optimisation steps of the fine-tune
+    lr: float = 1e-4  # AdamW learning rate (cosine decay)
+    anneal_fraction: float = 0.5  # fraction of the steps over which closed blocks fade from 1 to 0
+    batch_size: int = 32
 
 
 @dataclass
@@ -95,6 +104,7 @@ class SearchConfig:
     distortion: DistortionSchema = field(default_factory=DistortionSchema)
     cost: CostSchema = field(default_factory=CostSchema)
     refine: RefineSchema = field(default_factory=RefineSchema)
+    finetune: FinetuneSchema = field(default_factory=FinetuneSchema)
 
 
 @dataclass

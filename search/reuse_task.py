@@ -175,7 +175,7 @@ class ReuseTask:
 
 def refine(plan: Plan, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
     """The extracted plan refined on calibration data (see :mod:`dipgo.postprocess.reuse_refine`)."""
-    from dipgo.postprocess.reuse_baselines import baseline_plans
+    from dipgo.postprocess.reuse_baselines import PLAN_BASELINES, baseline_plans
     from dipgo.postprocess.reuse_refine import RefineConfig, refine_grid, whole_steps_grid
 
     rc = cfg.search.refine
@@ -197,7 +197,7 @@ def refine(plan: Plan, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> P
     seeds = {"learned": plan.compute}
     if "whole_steps" in config.seeds:
         seeds["whole_steps"] = whole_steps_grid(supernet, target)
-    static = [n for n in config.seeds if n != "whole_steps"]
+    static = [n for n in config.seeds if n in PLAN_BASELINES]  # other kinds' seed names are ignored
     if static:
         plans, _ = baseline_plans(supernet, target, static, calib_batch=batch, seed=cfg.seed)
         seeds.update({n: p.compute for n, p in plans.items()})  # refine_grid repairs any over budget

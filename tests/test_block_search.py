@@ -200,3 +200,45 @@ def test_text_corpus_splits_are_disjoint_and_stable() -> None:
     assert text_corpus("test") == test
     with pytest.raises(ValueError, match="accepted: train, test, all"):
         text_corpus("validation")
+
+
+def test_refine_block_keep_reaches_the_best_swap_within_budget() -> None:
+    from dipgo.postprocess.block_plan import refine_block_keep
+
+    costs, full = [10.0, 10.0, 10.0, 10.0], 100.0
+    harm = [0.5, 0.1, 0.3, 0.2]  # distortion from removing each block: block 1 is the one to lose
+
+    def score(keep: list[bool]) -> float:
+        return sum(h for h, k in zip(harm, keep) if not k)
+
+    seeds = {"learned": [True, True, True, False], "drop_last": [True, True, True, False]}
+    keep, info = refine_block_keep(seeds, [0.9, 0.2, 0.8, 0.7], costs, full, target=0.9, score=score)
+    assert keep == [True, False, True, True]
+    assert info["final_score"] == pytest.approx(0.1) and info["accepted_moves"] == 1
+    assert kept_ratio(keep, costs, full) <= 0.9
+    capped, info = refine_block_keep(seeds, [0.9, 0.2, 0.8, 0.7], costs, full, target=0.9, score=score, max_evals=2)
+    assert info["evaluations"] <= 3 and score(capped) <= 0.2
+
+
+def test_fade_goes_linearly_to_zero_then_stays() -> None:
+    from dipgo.search.finetune import fade
+
+    assert [fade(s, 10, 0.5) for s in (0, 1, 5, 9)] == [1.0, 0.8, 0.0, 0.0]
+
+
+def test_finetune_distils_the_subnet_and_exports_the_tuned_weights(tmp_path: Path) -> None:
+    from dipgo.postprocess.block_subnet import load_block_subnet, remove_blocks
+
+    folder = tiny_timm_folder(tmp_path, channels=(8, 8, 16, 16), stem_width=8)
+    overrides = block_overrides(folder, tmp_path / "runs", **{
+        "search.finetune.enabled": True, "search.finetune.steps": 4, "search.finetune.batch_size": 4,
+        "search.finetune.lr": 1e-3})
+    result = run_search(compose_config(overrides)[0], quiet=True)
+    names = [v["name"] for v in result.report["variants"]]
+    assert "dipgo+finetune" in names
+    original = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    exported = load_block_subnet(result.report["subnet_dir"])
+    x = torch.randn(2, 1, 16, 16)
+    untuned = remove_blocks(original, result.plan).eval()
+    assert not torch.allclose(exported(x), untuned(x))  # the weights moved: the tuned SubNet was exported
+    assert (result.run_dir / "logs" / "finetune" / "metrics.csv").is_file()
