@@ -1,0 +1,386 @@
+"""Block-sparse linear kernels: every backend against the pure-PyTorch reference, the fake
+implementation, the Triton kernel in the interpreter, the module and its saved form."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dipgo.kernels import (
+    BlockSparseLinear,
+    BlockSparseWeight,
+    block_mask_from_scores,
+    block_sparse_linear,
+    estimated_speedup,
+    kernel_speedup_expected,
+    native,
+)
+from dipgo.kernels.bench import random_block_sparse
+from dipgo.kernels.ops import block_sparse_linear_op
+from dipgo.kernels.reference import reference_block_sparse_linear
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ACTS = ("none", "relu", "gelu")
+
+
+def _reference64(x, packed: BlockSparseWeight, bias, activation):
+    """The reference in float64, so that it is the more exact side of every comparison."""
+    return reference_block_sparse_linear(
+        x.double(), packed.values.double(), packed.col_indices, packed.row_ptr,
+        None if bias is None else bias.double(), activation,
+    )
+
+
+def _check(x, packed, bias, activation):
+    y = block_sparse_linear(x, packed.values, packed.col_indices, packed.row_ptr, bias, activation)
+    ref = _reference64(x, packed, bias, activation)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+# (out, in, block) x sparsity: every block height, block columns from 1 to 64, ragged row counts.
+LAYERS = [(96, 64, (32, 16)), (128, 96, (16, 32)), (192, 128, (64, 8)), (64, 48, (32, 1)), (64, 256, (16, 64))]
+
+
+@pytest.mark.parametrize("out_f,in_f,block", LAYERS)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_cpu_op_matches_reference(out_f, in_f, block, sparsity):
+    _, packed = random_block_sparse(out_f, in_f, sparsity, block, seed=out_f + in_f)
+    gen = torch.Generator().manual_seed(1)
+    bias = torch.randn(out_f, generator=gen)
+    for tokens in (1, 7, 37):  # below, at and past the micro-kernel's row tiles
+        x = torch.randn(tokens, in_f, generator=gen)
+        for act in ACTS:
+            _check(x, packed, bias, act)
+    _check(torch.randn(300, in_f, generator=gen), packed, None, "gelu")  # several row chunks, no bias
+
+
+@pytest.mark.parametrize("shape", [(64,), (2, 3, 64), (2, 1, 5, 64)])
+def test_cpu_op_batch_dims(shape):
+    _, packed = random_block_sparse(96, 64, 0.6, (32, 16))
+    x = torch.randn(*shape)
+    for bias in (None, torch.randn(96)):
+        _check(x, packed, bias, "relu")
+
+
+def test_cpu_op_strided_input_and_empty():
+    _, packed = random_block_sparse(64, 64, 0.5, (16, 16))
+    x = torch.randn(64, 10).t()  # (10, 64), rows not contiguous
+    _check(x, packed, torch.randn(64), "gelu")
+    x = torch.randn(20, 128)[:, ::2]  # (20, 64), unit stride broken along K
+    _check(x, packed, None, "none")
+    assert block_sparse_linear(torch.randn(0, 64), packed.values, packed.col_indices, packed.row_ptr).shape == (0, 64)
+
+
+def test_gelu_epilogue_over_a_wide_range():
+    """The native gelu uses its own erf/exp approximations: check them far into both tails."""
+    eye = BlockSparseWeight.from_dense(torch.eye(32), torch.ones(1, 1, dtype=torch.bool))
+    x = torch.linspace(-30, 30, 32 * 500).view(-1, 32)
+    y = block_sparse_linear(x, eye.values, eye.col_indices, eye.row_ptr, None, "gelu")
+    torch.testing.assert_close(y.double(), F.gelu(x.double()), rtol=1e-5, atol=1e-6)
+
+
+def test_fallback_without_native_kernel(monkeypatch):
+    monkeypatch.setenv("DIPGO_NATIVE_KERNELS", "0")
+    assert native.load() is None
+    x = torch.randn(2, 9, 64)
+    for block in ((32, 32), (32, 16)):  # torch's CPU BSR matmul takes square blocks; the other is the reference
+        _, packed = random_block_sparse(96, 64, 0.5, block)
+        for act in ACTS:
+            _check(x, packed, torch.randn(96), act)
+        _check(x.double(), packed.to(torch.float64), None, "gelu")
+        with torch.inference_mode():  # the BSR tensor is built inside the call, so this works
+            _check(x, packed, None, "relu")
+
+
+def test_native_kernel_is_built_here():
+    """This machine has g++: the fast path must really be in use (or the benchmarks mean nothing)."""
+    if native._compiler() is None:
+        pytest.skip("no C++ compiler on this machine: the native CPU kernel cannot be built")
+    kernel = native.load()
+    assert kernel is not None and kernel.path.is_file()
+
+
+def test_native_kernel_builds_from_scratch(tmp_path):
+    cxx = native._compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler on this machine: the native CPU kernel cannot be built")
+    path = native.build(cxx, tmp_path)
+    assert path.parent == tmp_path and path.suffix == ".so"
+    assert native.build(cxx, tmp_path) == path  # cached: same key, no rebuild
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left
+
+
+def test_missing_compiler_warns_and_falls_back(monkeypatch):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native._load_cached.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+            assert native.load() is None
+        _, packed = random_block_sparse(64, 64, 0.5, (32, 32))
+        _check(torch.randn(5, 64), packed, torch.randn(64), "gelu")
+    finally:
+        native._load_cached.cache_clear()
+
+
+def test_native_kernel_refuses_bad_indices():
+    _, packed = random_block_sparse(64, 64, 0.5, (32, 16))
+    bad_cols = packed.col_indices.clone()
+    bad_cols[0] = 99
+    if native.load() is None:
+        pytest.skip("native kernel unavailable")
+    with pytest.raises(ValueError, match="out of range"):
+        block_sparse_linear(torch.randn(3, 64), packed.values, bad_cols, packed.row_ptr)
+
+
+def test_op_refuses_mismatched_inputs():
+    _, packed = random_block_sparse(64, 64, 0.5, (32, 16))
+    v, c, r = packed.values, packed.col_indices, packed.row_ptr
+    with pytest.raises(ValueError, match="dividing the input features"):
+        block_sparse_linear(torch.randn(3, 72), v, c, r)
+    with pytest.raises(ValueError, match="share one dtype"):
+        block_sparse_linear(torch.randn(3, 64, dtype=torch.float64), v, c, r)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        block_sparse_linear(torch.randn(3, 64), v, c, r, torch.randn(63))
+    with pytest.raises(ValueError, match="activation 'tanh'"):
+        block_sparse_linear(torch.randn(3, 64), v, c, r, None, "tanh")
+
+
+def test_opcheck_and_fake_tensors():
+    _, packed = random_block_sparse(64, 96, 0.5, (32, 32))
+    v, c, r = packed.values, packed.col_indices, packed.row_ptr
+    for args in [
+        (torch.randn(5, 96), v, c, r, torch.randn(64), "gelu"),
+        (torch.randn(2, 3, 96), v, c, r, None, "relu"),
+    ]:
+        torch.library.opcheck(block_sparse_linear_op, args)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fx = torch.empty(4, 7, 96)
+        fv, fc, fr = (mode.from_tensor(t) for t in (v, c, r))
+        y = torch.ops.dipgo.block_sparse_linear(fx, fv, fc, fr, None, "none")
+    assert y.shape == (4, 7, 64) and y.dtype == torch.float32
+
+
+_TRITON_SCRIPT = textwrap.dedent(
+    """
+    import json, torch
+    from dipgo.kernels import triton_kernels as tk
+    from dipgo.kernels.bench import random_block_sparse
+    from dipgo.kernels.ops import _cuda_impl
+    from dipgo.kernels.reference import reference_block_sparse_linear
+    assert tk.interpreting(), "TRITON_INTERPRET=1 did not reach triton"
+    errors = []
+    cases = [(64, 64, (32, 16), 0.5, 5), (96, 128, (16, 32), 0.7, 33), (128, 64, (64, 16), 0.0, 70)]
+    for out_f, in_f, block, sparsity, tokens in cases:
+        _, p = random_block_sparse(out_f, in_f, sparsity, block, seed=tokens)
+        x, bias = torch.randn(tokens, in_f), torch.randn(out_f)
+        for act in ("none", "relu", "gelu"):
+            for b in (bias, None):
+                ref = reference_block_sparse_linear(x.double(), p.values.double(), p.col_indices, p.row_ptr,
+                                                    None if b is None else b.double(), act)
+                y = tk.triton_block_sparse_linear(x, p.values, p.col_indices, p.row_ptr, b, act)
+                errors.append((ref - y.double()).abs().max().item())
+        # the op's CUDA implementation (batch dims, dispatch) runs the same kernel here
+        y = _cuda_impl(x.view(1, tokens, in_f), p.values, p.col_indices, p.row_ptr, bias, "gelu")
+        ref = reference_block_sparse_linear(x.double(), p.values.double(), p.col_indices, p.row_ptr,
+                                            bias.double(), "gelu")
+        errors.append((ref - y[0].double()).abs().max().item())
+    print(json.dumps({"max_err": max(errors), "n": len(errors)}))
+    """
+)
+
+
+def test_triton_kernel_in_interpreter():
+    """triton 3.x picks the interpreter when ``@triton.jit`` runs (at import), so the kernel is
+    checked in a fresh interpreter with TRITON_INTERPRET=1 set before any import."""
+    pytest.importorskip("triton", reason="triton is not installed, so there is no GPU kernel to check")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0 and "InterpreterError" in proc.stderr and "not supported" in proc.stderr:
+        pytest.skip(f"triton's interpreter cannot run the kernel: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["n"] == 3 * 7 and result["max_err"] < 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_triton_kernel_compiles_for_cuda():
+    """No GPU here: compile the kernel ahead of time to a CUDA binary (sm_80 and sm_90), which
+    checks what the interpreter does not (types, tl.dot shapes and precisions, lowering)."""
+    triton = pytest.importorskip("triton", reason="triton is not installed")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as exc:
+        pytest.skip(f"this triton has no ahead-of-time compile API: {exc}")
+    from dipgo.kernels.triton_kernels import _block_sparse_linear_kernel
+
+    for dtype, precision, arch, block in (("fp16", None, 80, (64, 16)), ("fp32", "ieee", 90, (32, 32))):
+        sig = {"x_ptr": f"*{dtype}", "values_ptr": f"*{dtype}", "cols_ptr": "*i32", "row_ptr_ptr": "*i32",
+               "bias_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "T": "i32", "stride_xm": "i32", "stride_ym": "i32",
+               "HAS_BIAS": "constexpr", "ACT": "constexpr", "PRECISION": "constexpr", "BM": "constexpr",
+               "BN": "constexpr", "BK": "constexpr"}
+        const = {"HAS_BIAS": True, "ACT": 2, "PRECISION": precision, "BM": 64, "BN": block[0], "BK": block[1]}
+        src = ASTSource(fn=_block_sparse_linear_kernel, signature=sig,
+                        constexprs={(list(sig).index(k),): v for k, v in const.items()})
+        try:
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
+        except RuntimeError as exc:
+            if "ptxas" in str(exc).lower():
+                pytest.skip(f"triton's CUDA toolchain (ptxas) is unavailable: {exc}")
+            raise
+        assert "cubin" in compiled.asm
+
+
+# --- layout and module ----------------------------------------------------------------------------
+
+
+def test_layout_round_trip_and_masks():
+    w = torch.randn(64, 96)
+    mask = block_mask_from_scores(torch.rand(2, 6), 0.5)
+    assert int(mask.sum()) == 6
+    packed = BlockSparseWeight.from_dense(w, mask)
+    assert packed.block == (32, 16) and packed.nnz_blocks == 6 and packed.density == 0.5
+    assert torch.equal(packed.block_mask(), mask)
+    expected = w * mask.repeat_interleave(32, 0).repeat_interleave(16, 1)
+    assert torch.equal(packed.to_dense(), expected)
+
+
+def _linear(out_f=96, in_f=64, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_f, out_f, bias=bias)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_module_from_dense_to_dense(act):
+    lin = _linear()
+    mod = BlockSparseLinear.from_dense(lin, sparsity=0.5, block=(32, 16), activation=act)
+    assert mod.density == 0.5 and mod.block == (32, 16)
+    dense = mod.to_dense()
+    kept = mod.weight.block_mask().repeat_interleave(32, 0).repeat_interleave(16, 1)
+    assert torch.equal(dense.weight, lin.weight.detach() * kept)
+    assert torch.equal(dense.bias, lin.bias)
+    x = torch.randn(3, 5, 64)
+    with torch.inference_mode():
+        ref = {"none": lambda t: t, "relu": F.relu, "gelu": F.gelu}[act](dense(x))
+        torch.testing.assert_close(mod(x), ref, rtol=1e-4, atol=1e-5)
+    # the dropped blocks are the ones with the smallest L2 norm
+    norms = lin.weight.detach().reshape(3, 32, 4, 16).pow(2).sum(dim=(1, 3))
+    assert norms[mod.weight.block_mask()].min() >= norms[~mod.weight.block_mask()].max()
+
+
+def test_module_from_element_mask_and_block_inputs():
+    lin = _linear(bias=False)
+    elem = torch.rand(96, 64) > 0.3  # unstructured: kept blocks hold zeros, stored exactly
+    elem[:32] = False  # the whole first block row is empty
+    mod = BlockSparseLinear.from_dense(lin, elem, block=(16, 16))
+    assert torch.equal(mod.to_dense().weight, lin.weight.detach() * elem)
+    assert mod.bias is None and int(mod.row_ptr[2]) == 0
+    block_mask = torch.zeros(6, 4, dtype=torch.bool)
+    block_mask[::2, 1] = True
+    assert BlockSparseLinear.from_dense(lin, block_mask, block=(16, 16)).weight.nnz_blocks == 3
+    scores = torch.arange(24.0).view(6, 4)
+    mod = BlockSparseLinear.from_dense(lin, scores, sparsity=0.75, block=(16, 16))
+    assert mod.weight.block_mask().flatten().nonzero().flatten().tolist() == list(range(18, 24))
+
+
+def test_module_with_every_block_dropped():
+    lin = _linear()
+    mod = BlockSparseLinear.from_dense(lin, torch.zeros(96, 64, dtype=torch.bool), activation="relu")
+    assert mod.weight.nnz_blocks == 0 and mod.values.shape == (0, 32, 32)
+    torch.testing.assert_close(mod(torch.randn(3, 64)), F.relu(lin.bias.detach()).expand(3, 96))
+
+
+def test_module_state_dict_round_trip():
+    a = BlockSparseLinear.from_dense(_linear(seed=1), sparsity=0.5, block=(32, 16), activation="gelu")
+    b = BlockSparseLinear.from_dense(_linear(seed=2), sparsity=0.9, block=(32, 16), activation="gelu")
+    assert a.values.shape != b.values.shape
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    assert set(a.state_dict()) == {"values", "col_indices", "row_ptr", "bias"}
+
+
+def test_module_save_load_safetensors(tmp_path):
+    mod = BlockSparseLinear.from_dense(_linear(), sparsity=0.7, block=(32, 32), activation="relu")
+    stem = mod.save(tmp_path / "blocks.0.fc1")
+    assert (tmp_path / "blocks.0.fc1.safetensors").is_file() and (tmp_path / "blocks.0.fc1.json").is_file()
+    config = json.loads((tmp_path / "blocks.0.fc1.json").read_text())
+    assert config["block"] == [32, 32] and config["activation"] == "relu" and config["nnz_blocks"] == mod.weight.nnz_blocks
+    back = BlockSparseLinear.load(stem)
+    for name, t in mod.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t)
+    x = torch.randn(6, 64)
+    torch.testing.assert_close(back(x), mod(x), rtol=0, atol=0)
+    config["version"] = 99
+    (tmp_path / "blocks.0.fc1.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="version"):
+        BlockSparseLinear.load(stem)
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        BlockSparseLinear.load(tmp_path / "missing")
+
+
+# --- bad input: one sentence naming the layer and what is accepted -------------------------------
+
+
+@pytest.mark.parametrize(
+    "out_f,in_f,kwargs,match",
+    [
+        (32, 16, {"block": (32, 32), "sparsity": 0.5}, r"Linear\(16 -> 32\).*larger than the weight.*accepted"),
+        (64, 100, {"block": (32, 32), "sparsity": 0.5}, r"Linear\(100 -> 64\).*in_features 100 is not divisible.*accepted"),
+        (48, 64, {"block": (32, 16), "sparsity": 0.5}, r"Linear\(64 -> 48\).*out_features 48 is not divisible.*accepted"),
+        (64, 64, {"block": (8, 16), "sparsity": 0.5}, r"Linear\(64 -> 64\).*block rows 8 not supported; accepted"),
+        (64, 64, {"block": (32, 16), "sparsity": 1.0}, r"Linear\(64 -> 64\).*sparsity 1.0 is outside \[0, 1\)"),
+        (64, 64, {"block": (32, 16), "sparsity": -0.1}, r"Linear\(64 -> 64\).*sparsity -0.1 is outside \[0, 1\)"),
+        (64, 64, {"block": (32, 16)}, r"Linear\(64 -> 64\).*need a sparsity"),
+    ],
+)
+def test_bad_input_refused(out_f, in_f, kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        BlockSparseLinear.from_dense(nn.Linear(in_f, out_f), **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_mask_shape_refused():
+    with pytest.raises(ValueError, match=r"Linear\(64 -> 64\).*not understood; accepted"):
+        BlockSparseLinear.from_dense(nn.Linear(64, 64), torch.ones(3, 3, dtype=torch.bool), block=(32, 16))
+
+
+# --- heuristic and benchmark ----------------------------------------------------------------------
+
+
+def test_kernel_speedup_expected_is_cheap_and_monotone():
+    shape = (3072, 768)
+    speeds = [estimated_speedup(shape, s, tokens=256) for s in (0.0, 0.5, 0.7, 0.9)]
+    assert speeds == sorted(speeds)
+    assert not kernel_speedup_expected((32, 32), 0.5, (32, 32), tokens=1)  # tiny: call overhead dominates
+    if native.load() is not None and native.has_avx512():
+        assert kernel_speedup_expected(shape, 0.5, (32, 32), tokens=256)
+    with pytest.raises(ValueError, match="sparsity"):
+        kernel_speedup_expected(shape, 1.5, (32, 32))
+
+
+def test_bench_script_smoke(tmp_path):
+    import runpy
+
+    out = tmp_path / "k.json"
+    argv = ["--tokens", "8", "--shapes", "64x96", "--sparsities", "0.5", "--runs", "1", "--rounds", "1",
+            "--threads", "1", "--out", str(out)]
+    script = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_kernels.py"))
+    assert script["main"](argv) == 0
+    payload = json.loads(out.read_text())
+    (row,) = payload["rows"]
+    assert row["tokens"] == 8 and row["max_abs_err"] < 1e-4 and row["target"] == 1.5
+    assert payload["machine"]["threads"] == 1 and payload["machine"]["torch"] == torch.__version__
