@@ -17,10 +17,12 @@ SEARCH_EPILOG_HEAD = """\
 overrides are Hydra syntax: group=option (recipe=digits_unet_reuse, model=digits_dit)
 or key=value (search.target=0.3 trainer.max_steps=100 supernet.num_steps=25).
 resume=<run dir> continues an interrupted search from its last checkpoint.
+-m/--multirun sweeps comma lists (search.target=0.2,0.3 seed=0,1) into <runs_root>/<recipe>/sweep-<time>/<i>/;
+hydra/launcher=submitit_local|submitit_slurm|dipgo_slurm runs the points as jobs (pip install hydra-submitit-launcher).
 """
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is meant for the user (one sentence, exit 2)."""
     from dipgo.models.registry import ModelLoadError
     from dipgo.postprocess.plan import PlanError
@@ -59,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_search_epilog(),
     )
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. recipe=digits_unet_reuse search.target=0.3")
-    p.add_argument("--cfg", action="store_true", help="print the composed config and exit")
+    p.add_argument("--cfg", action="store_true", help="print the composed config (with -m: the points) and exit")
+    p.add_argument("-m", "--multirun", action="store_true",
+                   help="Hydra multirun: one search per point of the sweep (comma lists, range(), choice())")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("bench", help="time a saved SubNet (a run directory) against its full model")
@@ -96,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return getattr(commands, f"cmd_{args.command}")(args)
-    except _user_errors() as exc:
+    except user_errors() as exc:
         print(f"dipgo {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -12,7 +12,14 @@ from dipgo.search.compose import ConfigError
 def cmd_search(args: argparse.Namespace) -> int:
     from dipgo.search.compose import compose_config, to_yaml
 
-    cfg, choices = compose_config(args.overrides)
+    if getattr(args, "multirun", False):
+        return _multirun(args)
+    try:
+        cfg, choices = compose_config(args.overrides)
+    except ConfigError as exc:
+        if str(exc).startswith("Ambiguous value for argument"):
+            raise ConfigError(f"{str(exc).split(chr(39))[1]} gives several values, a sweep: run it with `dipgo search -m ...`") from None
+        raise
     if args.cfg:
         print(to_yaml(cfg), end="")
         return 0
@@ -22,6 +29,45 @@ def cmd_search(args: argparse.Namespace) -> int:
     if result.report:  # DDP workers other than rank 0 return no report and print nothing
         print("\n".join(["", f"dipgo search: {result.run_dir}", *result.summary]))
     return 0
+
+
+def _multirun(args: argparse.Namespace) -> int:
+    """``dipgo search -m``: every point of the sweep, then the sweep's Pareto table.
+
+    Exit code 0 when every point finished, 1 when some failed (each named in one sentence).
+    """
+    import sys
+
+    from dipgo.search.sweep import parse_sweep, point_label, run_multirun, sweep_summary_lines
+
+    if args.cfg:
+        _, _, points, swept = parse_sweep(args.overrides)
+        for i, point in enumerate(points):
+            print(f"{i}: {point_label(point, swept)}")
+        return 0
+    result = run_multirun(args.overrides, quiet=args.quiet)
+    if len(result.failed) < len(result.points):
+        from dipgo.report.summary import aggregate_runs
+
+        try:
+            table, outputs = aggregate_runs(result.sweep_dir, result.sweep_dir)
+        except FileNotFoundError:
+            outputs = {}  # finished points without a comparable fidelity metric
+        if outputs:
+            from dipgo.search.tracking import log_sweep_report
+
+            print("\n" + table)
+            for name, out in outputs.items():
+                print(f"{name}: {out}")
+            try:
+                log_sweep_report(result.logger, result.sweep_dir, result.group, outputs)
+            except Exception as exc:  # the sweep itself is done; W&B trouble must not hide that
+                print(f"dipgo search: the sweep report was not logged to W&B: {exc}", file=sys.stderr)
+    lines = sweep_summary_lines(result)
+    print(lines[0])
+    for line in lines[1:]:
+        print(line, file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 def _load_run(run_dir: str | Path) -> tuple[Any, Any, Path]:

@@ -2,7 +2,9 @@
 
 A folder of runs (a sweep, or ``runs/<recipe>/``) is read from the ``report.json`` files under
 it; every variant of every run (the dipgo plan and its baselines) becomes a point of speedup vs
-fidelity, and the Pareto-optimal ones are marked in the table and the plot.
+fidelity, and the Pareto-optimal ones are marked in the table and the plot. A ``dipgo search -m``
+sweep folder names each run by the overrides that vary across its points (from Hydra's
+``.hydra/overrides.yaml``) and lists the points that failed (from ``sweep.json``).
 """
 
 from __future__ import annotations
@@ -33,18 +35,22 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob("report.json"))
 
 
-def collect_points(root: Path, fidelity_key: str = "psnr") -> list[dict[str, Any]]:
-    """One point per (run, variant) with speedup and the chosen fidelity metric."""
+def collect_points(root: Path, fidelity_key: str | None = None) -> list[dict[str, Any]]:
+    """One point per (run, variant) with speedup and a fidelity metric: ``fidelity_key``, or each
+    report's own (``fidelity_metric``: PSNR for reuse runs, accuracy or cosine for block runs)."""
     points = []
-    for run_dir in find_runs(root):
+    runs = find_runs(root)
+    labels = run_labels(root, runs)
+    for run_dir in runs:
         report = _load(run_dir)
+        key = fidelity_key or report.get("fidelity_metric", "psnr")
         for v in report.get("variants", []):
             if v["name"] == "full":
                 continue
-            fid = v.get(fidelity_key)
+            fid = v.get(key)
             points.append(
                 {
-                    "run": str(run_dir.relative_to(root)) if run_dir != root else run_dir.name,
+                    "run": labels[run_dir],
                     "name": f"{report.get('target', '?')}" if v["name"] == "dipgo" else "",
                     "group": v["name"],
                     "variant": v["name"],
@@ -53,12 +59,49 @@ def collect_points(root: Path, fidelity_key: str = "psnr") -> list[dict[str, Any
                     "speedup": v.get("speedup"),
                     "fidelity": float("inf") if fid == "inf" else fid,
                     "fd": v.get("fd"),
+                    "metric": key,
                 }
             )
     return [p for p in points if p["speedup"] is not None and p["fidelity"] is not None]
 
 
-def aggregate_runs(root: Path, out_dir: Path, fidelity_key: str = "psnr") -> tuple[str, dict[str, Path]]:
+def _overrides(run_dir: Path) -> list[str]:
+    """The Hydra overrides a sweep point ran with (empty for a plain run)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    loaded = OmegaConf.to_container(OmegaConf.load(path))
+    return [str(o) for o in loaded] if isinstance(loaded, list) else []
+
+
+def run_labels(root: Path, runs: list[Path]) -> dict[Path, str]:
+    """``0 (search.target=0.2)``: a run's folder below ``root`` plus the overrides that differ between runs."""
+    overrides = {r: dict(o.partition("=")[::2] for o in _overrides(r)) for r in runs}
+    keys = sorted({k for o in overrides.values() for k in o})
+    varying = [k for k in keys if len({o.get(k) for o in overrides.values()}) > 1]
+    labels = {}
+    for r in runs:
+        name = str(r.relative_to(root)) if r != root else r.name
+        chosen = " ".join(f"{k}={overrides[r][k]}" for k in varying if k in overrides[r])
+        labels[r] = f"{name} ({chosen})" if chosen else name
+    return labels
+
+
+def failed_points(root: Path) -> list[str]:
+    """One line per failed point of the sweeps under ``root`` (their ``sweep.json``)."""
+    lines = []
+    for path in sorted(root.rglob("sweep.json")):
+        data = json.loads(path.read_text())
+        where = path.parent.relative_to(root) if path.parent != root else Path(path.parent.name)
+        for p in data.get("points", []):
+            if p.get("status") != "ok":
+                lines.append(f"{where}/{p['point']} ({p.get('label', '')}) {p['status']}: {p.get('error', '')}")
+    return lines
+
+
+def aggregate_runs(root: Path, out_dir: Path, fidelity_key: str | None = None) -> tuple[str, dict[str, Path]]:
     """Table (markdown) + Pareto plot + JSON of every run under ``root``."""
     from dipgo.report.plots import pareto_front, pareto_plot
 
@@ -69,18 +112,20 @@ def aggregate_runs(root: Path, out_dir: Path, fidelity_key: str = "psnr") -> tup
     for p, on in zip(points, front):
         p["pareto"] = bool(on)
     rows = sorted(points, key=lambda p: (-(p["speedup"] or 0)))
-    header = f"| run | variant | target | MACs | speedup | {fidelity_key} | FD | Pareto |\n|---|---|---|---|---|---|---|---|"
+    metric = fidelity_key or " / ".join(dict.fromkeys(p["metric"] for p in points))
+    header = f"| run | variant | target | MACs | speedup | {metric} | FD | Pareto |\n|---|---|---|---|---|---|---|---|"
     body = [
         f"| {p['run']} | {p['variant']} | {_f(p['target'], '.2f')} | {_f(p['macs_ratio'], '.1%')} | "
         f"{p['speedup']:.2f}x | {_f(p['fidelity'], '.2f')} | {_f(p['fd'], '.2f')} | {'*' if p['pareto'] else ''} |"
         for p in rows
     ]
-    table = "\n".join([header, *body])
+    failed = failed_points(root)
+    table = "\n".join([header, *body, *(["", "failed points:", *(f"- {f}" for f in failed)] if failed else [])])
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = {
         "table": _write_text(out_dir / "pareto.md", table + "\n"),
         "json": write_json_atomic(out_dir / "pareto.json", rows),
-        "plot": pareto_plot(points, out_dir / "pareto.png", fidelity_label=f"{fidelity_key} vs full model"),
+        "plot": pareto_plot(points, out_dir / "pareto.png", fidelity_label=f"{metric} vs full model"),
     }
     return table, outputs
 

@@ -55,27 +55,51 @@ class StepSampler(Sampler[int]):
     when Lightning opens the dataloader (after a checkpoint is restored), so a resumed search
     sees exactly the batches an uninterrupted one would have, whatever Lightning's epoch
     bookkeeping does on a mid-epoch restart.
+
+    Under DDP ``batch_size`` is the *global* batch and rank ``r`` of ``W`` yields its slice
+    ``r*B/W .. (r+1)*B/W - 1`` of each step's positions, so the W processes together see exactly
+    the batch one process would (Lightning's DistributedSampler is switched off for this).
     """
 
-    def __init__(self, pool_size: int, batch_size: int, steps: int, seed: int, current_step: Callable[[], int]):
+    def __init__(
+        self,
+        pool_size: int,
+        batch_size: int,
+        steps: int,
+        seed: int,
+        current_step: Callable[[], int],
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if batch_size % world_size:
+            from dipgo.search.compose import ConfigError
+
+            raise ConfigError(
+                f"data.batch_size={batch_size} is the global batch and must be divisible by the {world_size} "
+                "DDP processes (trainer.devices x trainer.num_nodes)"
+            )
         self.pool_size, self.batch_size, self.steps, self.seed = pool_size, batch_size, steps, seed
         self.current_step = current_step
+        self.rank, self.world_size = rank, world_size
+        self.local_batch = batch_size // world_size
 
     def __len__(self) -> int:
-        return self.steps * self.batch_size
+        return self.steps * self.local_batch
 
     def _order(self, rounds: int) -> list[int]:
         return torch.randperm(self.pool_size, generator=_generator(self.seed, 29, rounds)).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        start = self.current_step() * self.batch_size
+        first = self.current_step()
+        mine = range(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)  # this rank's slice
         orders: dict[int, list[int]] = {}  # one permutation per pass over the pool
         out = []
-        for position in range(start, start + len(self)):
-            rounds, offset = divmod(position, self.pool_size)
-            if rounds not in orders:
-                orders[rounds] = self._order(rounds)
-            out.append(orders[rounds][offset])
+        for step in range(first, first + self.steps):
+            for j in mine:
+                rounds, offset = divmod(step * self.batch_size + j, self.pool_size)
+                if rounds not in orders:
+                    orders[rounds] = self._order(rounds)
+                out.append(orders[rounds][offset])
         return iter(out)
 
 
@@ -92,10 +116,15 @@ class CalibrationDataModule(pl.LightningDataModule):
         return int(trainer.global_step) if trainer is not None else 0
 
     def train_dataloader(self) -> DataLoader:
-        sampler = StepSampler(len(self.pool), self.batch_size, self.steps_per_epoch, self.seed, self._global_step)
+        """Step-seeded batches; under DDP each rank gets its slice of the global ``batch_size``
+        (the Trainer runs with ``use_distributed_sampler=False``)."""
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = StepSampler(len(self.pool), self.batch_size, self.steps_per_epoch, self.seed, self._global_step,
+                              rank=rank, world_size=world)
         return DataLoader(
             self.pool,
-            batch_size=self.batch_size,
+            batch_size=sampler.local_batch,
             sampler=sampler,
             num_workers=self.num_workers,
             drop_last=True,

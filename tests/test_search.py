@@ -97,13 +97,19 @@ def test_wandb_mode_resolution() -> None:
     assert wandb_mode("online", {}) == "online"
 
 
-def test_ddp_two_cpu_processes_share_one_run(tiny_unet_dir: Path, tmp_path: Path) -> None:
-    """trainer=ddp alone turns the search into 2 gloo processes; rank 0 owns the run folder."""
+def test_ddp_two_cpu_processes_give_the_one_process_plan(tiny_unet_dir: Path, tmp_path: Path) -> None:
+    """trainer=ddp alone turns the search into 2 gloo processes; rank 0 owns the run folder, and
+    with the same global batch (data.batch_size, split 1+1 across ranks) and seed the plan equals
+    the one-process plan: each step's global batch is the same items, gradients are averaged.
+
+    Soft gates here: with straight-through hard gates (the default) the float32 rounding of the
+    all-reduced gradient (~1e-3 relative) can flip a sampled gate near its threshold, after which
+    the two runs' probabilities drift apart (their plans usually still agree)."""
     import subprocess
     import sys
 
     overrides = tiny_search_overrides(
-        tiny_unet_dir, tmp_path / "runs", **{"trainer.max_steps": 2, "report.baselines": "[fewer_steps]"}
+        tiny_unet_dir, tmp_path / "runs", **{"report.baselines": "[fewer_steps]", "search.pruner.hard": False}
     )
     overrides = [o for o in overrides if not o.startswith("trainer.enable_progress_bar")]
     cmd = [sys.executable, "-m", "dipgo", "search", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -114,3 +120,23 @@ def test_ddp_two_cpu_processes_share_one_run(tiny_unet_dir: Path, tmp_path: Path
     assert len(runs) == 1, runs
     assert (runs[0] / "plan.json").is_file() and (runs[0] / "report.json").is_file()
     assert result.stdout.count("dipgo search:") == 1
+
+    single = run_search(compose_config([*overrides, f"run_dir={tmp_path / 'single'}"])[0], quiet=True)
+    ddp_plan = Plan.load(runs[0] / "plan.json")
+    assert ddp_plan.compute == single.plan.compute
+    # close, not bitwise: in float32 a batch's gradient and the mean of its halves' differ by rounding
+    probs_ddp, probs_one = (torch.tensor(p.meta["keep_probs"]) for p in (ddp_plan, single.plan))
+    torch.testing.assert_close(probs_ddp, probs_one, rtol=0, atol=2e-3)
+    assert torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_ddp_needs_a_global_batch_divisible_by_the_processes() -> None:
+    from dipgo.search.compose import ConfigError
+    from dipgo.search.data import StepSampler
+
+    with pytest.raises(ConfigError, match="data.batch_size=3 is the global batch and must be divisible by the 2"):
+        StepSampler(8, 3, 2, 0, lambda: 0, rank=0, world_size=2)
+    one = list(StepSampler(6, 4, 3, 0, lambda: 1))
+    halves = [list(StepSampler(6, 4, 3, 0, lambda: 1, rank=r, world_size=2)) for r in (0, 1)]
+    for step in range(3):  # step k's global batch is rank 0's half then rank 1's half
+        assert one[4 * step : 4 * step + 4] == halves[0][2 * step : 2 * step + 2] + halves[1][2 * step : 2 * step + 2]
