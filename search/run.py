@@ -21,11 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from dipgo.postprocess.plan import Plan, write_bytes_atomic, write_json_atomic
+from dipgo.search.budget import budget_plans
 from dipgo.search.compose import ConfigError, validate_config
 from dipgo.search.module import SearchModule
 from dipgo.search.progress import StepProgressBar
 from dipgo.search.tasks import get_task, load_configured_model
-from dipgo.search.tracking import finish, log_images, log_summary, make_loggers
+from dipgo.search.tracking import finish, log_artifacts, log_images, log_summary, make_loggers
 
 RUN_DIR_ENV = "DIPGO_RUN_DIR"
 CHECKPOINT_DIR = "checkpoints"
@@ -42,8 +43,17 @@ class RunResult:
     summary: list[str] = field(default_factory=list)
 
 
-def claim_run_dir(cfg: DictConfig) -> Path:
-    """Create a fresh ``<runs_root>/<recipe>/<timestamp>/`` (or ``cfg.run_dir``); never reuse one."""
+def claim_run_dir(cfg: DictConfig, job_dir: Path | None = None) -> Path:
+    """Create a fresh ``<runs_root>/<recipe>/<timestamp>/`` (or ``cfg.run_dir``); never reuse one.
+
+    ``job_dir`` is a folder a launcher created for this run (a point of a Hydra multirun, holding
+    only Hydra's ``.hydra/`` and log): it is adopted unless a run was already written into it.
+    """
+    if job_dir is not None:
+        if (job_dir / "config.yaml").exists():
+            raise ConfigError(f"{job_dir} already holds a run; a sweep point never overwrites one")
+        job_dir.mkdir(parents=True, exist_ok=True)
+        return job_dir
     if cfg.run_dir:
         path = Path(cfg.run_dir)
         if path.exists():
@@ -70,6 +80,28 @@ def _spawned_rank_dir() -> Path | None:
     return Path(shared) if rank > 0 and shared else None
 
 
+def _check_global_batch(cfg: DictConfig) -> None:
+    """Under DDP ``data.batch_size`` is the global batch, split evenly across the processes."""
+    devices = cfg.trainer.devices
+    count = len(devices) if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices) else devices
+    if "ddp" in str(cfg.trainer.strategy) and isinstance(count, int) and count > 0:
+        world = count * int(cfg.trainer.num_nodes)
+        if cfg.data.batch_size % world:
+            raise ConfigError(
+                f"data.batch_size={cfg.data.batch_size} is the global batch and must be divisible by the {world} "
+                "DDP processes (trainer.devices x trainer.num_nodes)"
+            )
+
+
+def _launched_rank() -> int:
+    """The global rank a cluster scheduler gave this process (Slurm's tasks_per_node > 1), else 0."""
+    for key in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def load_resume(resume: str | Path) -> tuple[DictConfig, Path, Path]:
     """Config, run folder and last checkpoint of a run to continue."""
     run_dir = Path(resume)
@@ -92,23 +124,28 @@ def run_search(
     *,
     callbacks: Sequence[Callback] = (),
     quiet: bool = False,
+    job_dir: Path | None = None,
 ) -> RunResult:
     """Run one search end to end and return its plan and report.
 
     ``cfg`` is a composed config (see :func:`dipgo.search.compose.compose_config`); when
     ``cfg.resume`` names a run directory, that run continues from its last checkpoint in place.
+    ``job_dir``: the folder a launcher made for this run (see :func:`claim_run_dir`).
     """
     ckpt_path: Path | None = None
     if cfg.resume:
         cfg, run_dir, ckpt_path = load_resume(cfg.resume)
+    _check_global_batch(cfg)
     task = get_task(cfg.supernet.kind)
     loaded = load_configured_model(cfg)
     supernet = task.build(loaded, cfg)
     datamodule = task.datamodule(loaded, supernet, cfg)
     if ckpt_path is None and _spawned_rank_dir() is not None:
         run_dir = _spawned_rank_dir()  # a DDP worker re-running the command: join rank 0's run
+    elif ckpt_path is None and job_dir is not None and _launched_rank() > 0:
+        run_dir = job_dir  # one of N tasks a cluster started for this point (Slurm): rank 0 owns the folder
     elif ckpt_path is None:
-        run_dir = claim_run_dir(cfg)
+        run_dir = claim_run_dir(cfg, job_dir)
         write_bytes_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True).encode())
     os.environ[RUN_DIR_ENV] = str(run_dir)  # inherited by the DDP workers Lightning launches
 
@@ -144,6 +181,9 @@ def run_search(
         callbacks=[checkpoint, *([StepProgressBar()] if cfg.trainer.enable_progress_bar and not quiet else []), *callbacks],
         default_root_dir=str(run_dir),
         num_sanity_val_steps=0,
+        # the DataModule's StepSampler gives each DDP rank its slice of the global batch itself, so the
+        # DDP plan equals the one-process plan for the same data.batch_size and seed
+        use_distributed_sampler=False,
     )
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
@@ -155,14 +195,29 @@ def run_search(
     if not trainer.is_global_zero:
         return RunResult(run_dir, plan, {})
     plan.save(run_dir / "plan.json")
+    extra = budget_plans(module, task, supernet, cfg, run_dir)  # budget-conditioned pruners only
     report, plots = task.evaluate(loaded, supernet, plan, cfg, run_dir)
     report = {"recipe": cfg.recipe_name, "run_dir": str(run_dir), "search_seconds": round(search_s, 2), **report}
+    if extra:
+        report["budget_plans"] = {f"{t:g}": {"cost_ratio": p.cost_ratio, "path": f"plans/target_{t:g}.json"} for t, p in extra.items()}
     report["plots"] = {k: str(Path(p).relative_to(run_dir)) for k, p in plots.items()}
     write_json_atomic(run_dir / "report.json", report)
     log_images(loggers, plots)
-    log_summary(loggers, _flat(report))
+    log_summary(loggers, {**_flat(report), **_headline(report)})
+    log_artifacts(loggers, run_dir, [run_dir / "report.json", run_dir / "plan.json", *map(Path, plots.values())],
+                  name=f"{cfg.recipe_name}-{run_dir.parent.name}-{run_dir.name}")
     finish(loggers)
     return RunResult(run_dir, plan, report, task.summary_lines(report))
+
+
+def _headline(report: dict[str, Any]) -> dict[str, Any]:
+    """``dipgo/speedup``, ``dipgo/fidelity``...: the plan's numbers, the metrics a W&B sweep optimises."""
+    row = next((v for v in report.get("variants", []) if v.get("name") == "dipgo"), {})
+    metric = report.get("fidelity_metric", "psnr")
+    out = {f"dipgo/{k}": v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if isinstance(row.get(metric), (int, float)):
+        out["dipgo/fidelity"] = row[metric]
+    return out
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -64,3 +64,31 @@ def test_repair_closes_the_least_likely_slots_until_the_plan_fits() -> None:
     probs[2, 1] = 0.0  # step 3, block 1 (weight 2) goes first
     fixed = repair(sn, grid, probs, target=1 - 2 / 32)
     assert not fixed[3][1] and sum(map(sum, fixed)) == 23
+
+
+def test_budget_conditioned_pruner_writes_one_plan_per_budget(tiny_unet_dir, tmp_path) -> None:
+    """One search over a range of budgets; each requested budget gets its own plan within it."""
+    from dipgo.postprocess.plan import Plan
+    from dipgo.search.compose import compose_config
+    from dipgo.search.run import run_search
+    from tests.conftest import tiny_search_overrides
+
+    overrides = tiny_search_overrides(tiny_unet_dir, tmp_path / "runs", **{
+        "search.pruner.budget_conditioned": True, "search.target_range": "[0.4,0.9]",
+        "search.plan_targets": "[0.5,0.8]", "search.target": 0.6, "report.baselines": "[fewer_steps]"})
+    result = run_search(compose_config(overrides)[0], quiet=True)
+    plans = {t: Plan.load(result.run_dir / "plans" / f"target_{t}.json") for t in (0.5, 0.8)}
+    assert all(p.cost_ratio <= t + 1e-9 for t, p in plans.items())
+    assert plans[0.8].cost_ratio > plans[0.5].cost_ratio  # a bigger budget buys a bigger plan
+    assert all(p.meta["budget_conditioned"] for p in plans.values())
+
+
+def test_budget_options_need_a_budget_conditioned_pruner() -> None:
+    import pytest
+
+    from dipgo.search.compose import ConfigError, compose_config
+
+    with pytest.raises(ConfigError, match="need search.pruner.budget_conditioned=true"):
+        compose_config(["search.plan_targets=[0.3]"])
+    with pytest.raises(ConfigError, match=r"target_range must be \[low, high\]"):
+        compose_config(["search.pruner.budget_conditioned=true", "search.target_range=[0.5,0.2]"])
