@@ -20,6 +20,13 @@ _LAZY: dict[str, str] = {
     "load_block_subnet": "dipgo.postprocess.block_subnet",
     "make_block_plan": "dipgo.postprocess.block_subnet",
     "remove_blocks": "dipgo.postprocess.block_subnet",
+    "extract_mask_plan": "dipgo.postprocess.mask_plan",
+    "prune_with_plan": "dipgo.postprocess.mask_subnet",
+    "to_kernels": "dipgo.postprocess.mask_subnet",
+    "export_mask_subnet": "dipgo.postprocess.mask_subnet",
+    "load_mask_subnet": "dipgo.postprocess.mask_subnet",
+    "obs_prune": "dipgo.postprocess.reconstruct",
+    "prune_baseline": "dipgo.postprocess.mask_baselines",
 }
 
 __all__ = sorted(_LAZY)

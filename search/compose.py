@@ -25,6 +25,7 @@ BASELINES: tuple[str, ...] = (
     "fewer_steps", "deepcache", "uniform", "static_per_block", "random",
     "first_block_cache", "pyramid_attention_broadcast", "faster_cache",
     "weight_norm", "drop_last",
+    "magnitude", "wanda", "owl", "sparsegpt",
 )
 GROUPS: tuple[str, ...] = ("model", "supernet", "search", "data", "trainer", "logger", "report", "recipe")
 
@@ -69,12 +70,15 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(
             f"search.target must be in (0, 1] (the fraction of MACs to keep, 0.25 = 4x fewer); got {target}"
         )
+    _check_budgets(cfg)
     _one_of("supernet.kind", cfg.supernet.kind, ("reuse", "block", "mask"))
     _one_of("supernet.granularity", cfg.supernet.granularity, ("block", "layer"))
     _one_of("supernet.mode", cfg.supernet.mode, ("auto", "output", "residual"))
     _one_of("supernet.scheduler", cfg.supernet.scheduler, ("ddim", "dpmsolver++", "euler"))
     _one_of("data.kind", cfg.data.kind, ("diffusion", "prompts", "images", "text"))
     _one_of("supernet.cost", cfg.supernet.cost, ("macs", "latency"))
+    if cfg.supernet.kind == "mask":
+        _validate_mask(cfg)
     _one_of("logger.wandb_mode", cfg.logger.wandb_mode, ("auto", "offline", "online", "disabled"))
     _one_of("search.cost.mode", cfg.search.cost.mode, ("two_sided", "hinge"))
     _one_of("search.cost.controller", cfg.search.cost.controller, ("dual", "fixed"))
@@ -91,6 +95,32 @@ def validate_config(cfg: DictConfig) -> None:
     ):
         if value < low:
             raise ConfigError(f"{key} must be at least {low}; got {value}")
+
+
+def _check_budgets(cfg: DictConfig) -> None:
+    """The budget-conditioned pruner's training range and extra plan targets."""
+    rng = cfg.search.get("target_range")
+    if rng is not None and (len(rng) != 2 or not 0.0 < rng[0] < rng[1] <= 1.0):
+        raise ConfigError(f"search.target_range must be [low, high] with 0 < low < high <= 1; got {list(rng)}")
+    for t in cfg.search.get("plan_targets") or []:
+        if not 0.0 < t <= 1.0:
+            raise ConfigError(f"search.plan_targets entries must be in (0, 1]; got {t}")
+    if (cfg.search.get("plan_targets") or rng is not None) and not cfg.search.pruner.budget_conditioned:
+        raise ConfigError("search.target_range and search.plan_targets need search.pruner.budget_conditioned=true")
+
+
+def _validate_mask(cfg: DictConfig) -> None:
+    """The mask kind: search.target is a kept density in (0, 1); pattern / saliency / weighting enumerations."""
+    if not 0.0 < cfg.search.target < 1.0:
+        raise ConfigError(f"supernet.kind=mask needs search.target in (0, 1) (the kept density, 1 - sparsity: "
+                          f"0.5 = 50% sparse); got {cfg.search.target}")
+    _one_of("supernet.pattern", cfg.supernet.pattern, ("unstructured", "2:4", "4:8", "block16", "block32"))
+    _one_of("supernet.saliency", cfg.supernet.saliency, ("magnitude", "wanda"))
+    _one_of("supernet.cost_weighting", cfg.supernet.cost_weighting, ("params", "macs"))
+    if cfg.supernet.sds:
+        raise ConfigError("supernet.sds=true is not implemented yet; set supernet.sds=false")
+    if cfg.supernet.mask_temperature <= 0:
+        raise ConfigError(f"supernet.mask_temperature must be > 0; got {cfg.supernet.mask_temperature}")
 
 
 def _one_of(key: str, value: str, accepted: Sequence[str]) -> None:

@@ -34,6 +34,15 @@ class SupernetConfig:
     checkpointing: bool = False  # gradient checkpointing per sampling step (less memory, ~30% slower)
     truncate_steps: int | None = None  # truncated backprop through the unrolled trajectory
     cost: str = "macs"  # block kind: what search.target measures, macs (counted) | latency (per-block table measured on this device)
+    pattern: str = "unstructured"  # mask kind: unstructured | 2:4 | 4:8 | block16 | block32 (block patterns run on the block-sparse kernels)
+    saliency: str = "wanda"  # mask kind: magnitude (|W|) | wanda (|W| * input-column norm on calibration data)
+    cost_weighting: str = "params"  # mask kind: global sparsity weighted by params | macs (search.target is the kept density)
+    strict_pattern: bool = False  # mask kind: refuse the run when a layer cannot hold the pattern (default: leave it dense)
+    mask_temperature: float = 0.02  # mask kind: width of the sigmoid bridge from a layer's density to its mask (saliency-quantile units)
+    reconstruct: bool = True  # mask kind: OBS layer-wise reconstruction of the kept weights on calibration inputs
+    distill_steps: int = 100  # mask kind: steps distilling the kept weights towards the dense outputs (0 = off)
+    distill_lr: float = 3e-4  # mask kind: Adam learning rate of that distillation
+    sds: bool = False  # mask kind: SDS step (re-dense with sparse regularisation, prune again); not implemented yet, refused when true
 
 
 @dataclass
@@ -98,6 +107,8 @@ class FinetuneSchema:
 @dataclass
 class SearchConfig:
     target: float = 0.25  # fraction of MACs to keep, in (0, 1]; 0.25 asks for a 4x MACs reduction
+    target_range: list[float] | None = None  # budget-conditioned pruner: train on budgets drawn from [low, high]
+    plan_targets: list[float] = field(default_factory=list)  # budget-conditioned pruner: also write plans/target_<t>.json for these
     lr: float = 0.01  # pruner learning rate (Adam)
     weight_decay: float = 0.0
     pruner: PrunerSchema = field(default_factory=PrunerSchema)

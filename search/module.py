@@ -58,7 +58,7 @@ class SearchModule(pl.LightningModule):
         self.controller = CostController(self.cost_cfg)
         self._ref_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._pool, self._ref_chunk = pool, ref_chunk
-        self._last_expected = 1.0
+        self._last_expected, self._last_target = 1.0, self.target
         # saved in checkpoints, so a resumed run divides by exactly the same number
         self.register_buffer("distortion_scale_buffer", torch.zeros(()), persistent=True)
 
@@ -67,14 +67,27 @@ class SearchModule(pl.LightningModule):
         return self._supernet[0]
 
     # ---- the pruner's view -------------------------------------------------------------------
-    def logits(self) -> torch.Tensor:
-        """Current gate logits ``(N, 2)`` for the configured target."""
-        return self.pruner(torch.tensor(self.target)) if self.pruner_cfg.budget_conditioned else self.pruner()
+    def logits(self, target: float | None = None) -> torch.Tensor:
+        """Current gate logits ``(N, 2)`` for ``target`` (budget-conditioned pruners) or the configured one."""
+        if not self.pruner_cfg.budget_conditioned:
+            return self.pruner()
+        return self.pruner(torch.tensor(self.target if target is None else target, device=self.device))
 
     @torch.no_grad()
-    def keep_probabilities(self) -> torch.Tensor:
+    def keep_probabilities(self, target: float | None = None) -> torch.Tensor:
         """``(N,)`` keep probabilities after training, input to post-processing."""
-        return keep_probs(self.logits()).float().cpu()
+        return keep_probs(self.logits(target)).float().cpu()
+
+    def step_target(self, step: int) -> float:
+        """The budget of optimisation step ``step``: the configured target, or for a
+        budget-conditioned pruner one drawn uniformly from ``search.target_range`` (counter-seeded,
+        so a resumed run draws the same budgets), so one pruner learns plans for the whole range."""
+        low_high = self.search_cfg.get("target_range") if self.pruner_cfg.budget_conditioned else None
+        if not low_high:
+            return self.target
+        low, high = float(low_high[0]), float(low_high[1])
+        u = float(torch.rand((), generator=_generator(self.seed, 59, step)))
+        return low + (high - low) * u
 
     # ---- training ----------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -140,10 +153,14 @@ class SearchModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         step = int(self.global_step)
-        logits = self.logits()  # (N, 2)
+        target = self.step_target(step)
+        logits = self.logits(target)  # (N, 2)
         tau = temperature(step, self.max_steps, self.pruner_cfg)
         gen = _generator(self.seed, 41, step)
-        gates = gumbel_gates(logits, tau, self.pruner_cfg.hard, gen).to(logits.dtype)  # (N,)
+        if getattr(self.supernet, "gate_mode", "hard") == "soft":  # mask kind: gates are densities
+            gates = keep_probs(logits)  # (N,)
+        else:
+            gates = gumbel_gates(logits, tau, self.pruner_cfg.hard, gen).to(logits.dtype)  # (N,)
         reference = self._reference(batch)
         inputs = {k: v for k, v in batch.items() if k != "index"}
         gated = self.supernet.gated(inputs, gates)
@@ -151,10 +168,10 @@ class SearchModule(pl.LightningModule):
         probs = keep_probs(logits)  # (N,)
         expected = self.supernet.expected_cost(probs)
         lam = self.controller.value
-        penalty = cost_loss(expected, self.target, 1.0, self.cost_cfg.mode, delta=self.cost_cfg.delta)
+        penalty = cost_loss(expected, target, 1.0, self.cost_cfg.mode, delta=self.cost_cfg.delta)
         scaled = terms["total"] / self.distortion_scale
         loss = scaled + lam * penalty + self.pruner.regularizer(logits)
-        self._last_expected = float(expected.detach())
+        self._last_expected, self._last_target = float(expected.detach()), target
 
         hard_cost = self.supernet.expected_cost((probs > 0.5).to(probs.dtype))
         log = {f"loss/{k}": v.detach() for k, v in terms.items()}
@@ -165,7 +182,7 @@ class SearchModule(pl.LightningModule):
                 "loss/total": loss.detach(),
                 "cost/expected": expected.detach(),
                 "cost/hard_at_0.5": hard_cost.detach(),
-                "cost/target": torch.tensor(self.target),
+                "cost/target": torch.tensor(target),
                 "cost/lambda": torch.tensor(lam),
                 "gates/mean_keep_prob": probs.mean().detach(),
                 "gates/frac_closed_sampled": (gates < 0.5).float().mean(),
@@ -180,7 +197,7 @@ class SearchModule(pl.LightningModule):
 
     def on_train_batch_end(self, *args: Any) -> None:
         """The multiplier for the next step follows this step's expected cost (after the optimiser step)."""
-        self.controller.update(self._last_expected, self.target)
+        self.controller.update(self._last_expected, self._last_target)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Adam with cosine decay: a decaying step lets the gates settle on the budget at the end."""

@@ -23,6 +23,9 @@ _LAZY: dict[str, str] = {
     "apply_block_gates": "dipgo.supernets.block",
     "find_blocks": "dipgo.supernets.block",
     "register_block_finder": "dipgo.supernets.block",
+    "MaskGateConfig": "dipgo.supernets.mask",
+    "MaskSuperNet": "dipgo.supernets.mask",
+    "apply_mask_gates": "dipgo.supernets.mask",
     "make_scheduler": "dipgo.supernets.sampling",
     "sample": "dipgo.supernets.sampling",
 }

@@ -1,0 +1,149 @@
+"""Mask SubNets: prune by a plan (OBS reconstruction + distillation), run on kernels, export, reload.
+
+:func:`prune_with_plan` turns a mask plan into pruned weights on a copy of the model: block
+patterns take their masks from block saliency, unstructured and N:M choose them jointly with the
+OBS update (:mod:`dipgo.postprocess.reconstruct`); then optionally the kept weights are distilled
+towards the dense model's outputs. :func:`to_kernels` swaps every masked ``nn.Linear`` whose
+dropped blocks make :func:`dipgo.kernels.kernel_speedup_expected` say yes for a
+:class:`dipgo.kernels.BlockSparseLinear`, leaving the others dense with zeros.
+:func:`export_mask_subnet` writes ``model.safetensors`` (kernel layers in their block-CSR
+layout) + ``mask_subnet.json`` (+ the transformers ``config.json``); :func:`load_mask_subnet`
+rebuilds it without pickle.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dipgo.postprocess.plan import Plan, PlanError, write_bytes_atomic, write_json_atomic
+from dipgo.postprocess.reconstruct import (
+    apply_masks,
+    block_masks,
+    distill_kept_weights,
+    sequential_reconstruct,
+)
+from dipgo.supernets.mask import parse_pattern, weight_matrix
+
+OutputFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+SUBNET_FILE = "mask_subnet.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def prune_with_plan(model: nn.Module, plan: Plan, saliency: dict[str, torch.Tensor],
+                    batches: list[dict[str, torch.Tensor]], output_fn: OutputFn, *, reconstruct: bool = True,
+                    distill_steps: int = 0, distill_lr: float = 1e-4) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A pruned copy of ``model`` following ``plan``; returns ``(model, keep masks)``."""
+    if plan.kind != "mask":
+        raise PlanError(f"prune_with_plan needs a mask plan, got kind={plan.kind!r}")
+    pattern = parse_pattern(plan.meta["pattern"])
+    pruned = copy.deepcopy(model).eval().requires_grad_(False)
+    dens = {p: d for p, d in zip(plan.blocks, plan.meta["density"]) if d < 1.0}
+    layers = [p for p in plan.blocks if p in dens]
+    fixed = block_masks(pruned, layers, dens, pattern, saliency) if pattern.kind == "block" else None
+    masks = sequential_reconstruct(pruned, layers, dens, pattern, batches, output_fn, fixed_masks=fixed,
+                                   update=reconstruct)
+    if distill_steps > 0:
+        with torch.no_grad():
+            refs = [output_fn(model, b) for b in batches]
+        distill_kept_weights(pruned, masks, batches, refs, output_fn, steps=distill_steps, lr=distill_lr)
+    apply_masks(pruned, masks)
+    return pruned, masks
+
+
+def block_sparsity(mask: torch.Tensor, block: tuple[int, int]) -> float:
+    """Share of ``block``-sized blocks of a keep mask that hold no kept weight."""
+    o, i = mask.shape
+    bn, bk = block
+    kept = mask.reshape(o // bn, bn, i // bk, bk).any(dim=3).any(dim=1)
+    return 1.0 - float(kept.float().mean())
+
+
+def to_kernels(model: nn.Module, masks: dict[str, torch.Tensor], block: tuple[int, int] = (32, 32), *,
+               tokens: int = 256, device: str = "cpu", force: bool = False) -> dict[str, dict[str, Any]]:
+    """Swap masked Linears for ``BlockSparseLinear`` where the kernel should pay; in place.
+
+    Returns ``{path: {"converted": bool, "block_sparsity": s, "reason": ...}}``.
+    """
+    from dipgo.kernels import BlockSparseLinear, kernel_speedup_expected
+
+    report: dict[str, dict[str, Any]] = {}
+    for path, mask in masks.items():
+        mod = model.get_submodule(path)
+        if not isinstance(mod, nn.Linear):
+            report[path] = {"converted": False, "reason": "not a Linear"}
+            continue
+        o, i = mask.shape
+        if o % block[0] or i % block[1] or block[0] > o or block[1] > i:
+            report[path] = {"converted": False, "reason": f"shape {o}x{i} does not tile into {block}"}
+            continue
+        s = block_sparsity(mask, block)
+        if not force and not kernel_speedup_expected((o, i), s, block, tokens=tokens, device=device):
+            report[path] = {"converted": False, "block_sparsity": round(s, 4), "reason": "no speed-up expected"}
+            continue
+        new = BlockSparseLinear.from_dense(mod, mask.bool(), block=block)
+        model.set_submodule(path, new)
+        report[path] = {"converted": True, "block_sparsity": round(s, 4)}
+    return report
+
+
+def export_mask_subnet(model: nn.Module, plan: Plan, out: str | Path, source: dict[str, Any] | None = None) -> Path:
+    """Write the SubNet: ``model.safetensors`` + ``mask_subnet.json`` (+ ``config.json`` for transformers)."""
+    from safetensors.torch import save
+
+    from dipgo.kernels import BlockSparseLinear
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    kernels = {name: mod.config() for name, mod in model.named_modules() if isinstance(mod, BlockSparseLinear)}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    write_bytes_atomic(out / WEIGHTS_FILE, save(state))
+    if hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
+        model.config.save_pretrained(str(out))
+    write_json_atomic(out / SUBNET_FILE, {"format": "dipgo.mask_subnet", "version": 1, "source": source or {},
+                                         "model_class": type(model).__name__, "kernel_layers": kernels,
+                                         "plan": plan.to_dict()})
+    return out
+
+
+def load_mask_subnet(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild an exported SubNet. ``model``: an instance of the same architecture (weights are
+    replaced); default: a transformers ``AutoModel`` built from the saved ``config.json``."""
+    from safetensors.torch import load_file
+
+    from dipgo.kernels import BlockSparseLinear, BlockSparseWeight
+
+    path = Path(path)
+    meta_file = path / SUBNET_FILE
+    if not meta_file.is_file():
+        raise PlanError(f"nothing at {meta_file}: expected a folder written by export_mask_subnet")
+    meta = json.loads(meta_file.read_text())
+    if model is None:
+        if not (path / "config.json").is_file():
+            raise PlanError(f"{path} holds no config.json; pass model= (an instance of {meta['model_class']})")
+        from transformers import AutoConfig, AutoModel
+
+        model = AutoModel.from_config(AutoConfig.from_pretrained(str(path)))
+    state = load_file(str(path / WEIGHTS_FILE))
+    for name, cfg in meta["kernel_layers"].items():
+        tensors = {k: state[f"{name}.{k}"] for k in ("values", "col_indices", "row_ptr")}
+        weight = BlockSparseWeight.from_tensors(tensors, cfg)
+        model.set_submodule(name, BlockSparseLinear(weight, state.get(f"{name}.bias"), cfg.get("activation", "none")))
+    model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+def masked_density(model: nn.Module, layers: list[str]) -> float:
+    """Parameter-weighted share of nonzero weights among ``layers`` of a dense (unconverted) model."""
+    nz = total = 0
+    for p in layers:
+        w = weight_matrix(model.get_submodule(p))
+        nz += int((w != 0).sum())
+        total += w.numel()
+    return nz / max(total, 1)

@@ -1,0 +1,118 @@
+"""The ``mask`` gate kind as a search task: learned per-layer sparsity under one global budget.
+
+Build: every Linear / Conv2d (pooler and heads excluded) gets a density-controlled mask from a
+threshold on its saliency (:func:`dipgo.supernets.mask.apply_mask_gates`); Wanda's input norms
+come from the calibration pool. Data: the same calibration pools as the block kind (tokenised
+training sentences for encoders, digits training images for classifiers). Plan: the learned
+densities projected onto the exact global density (:mod:`dipgo.postprocess.mask_plan`).
+Evaluate: the plan pruned with OBS reconstruction + distillation, the four one-shot baselines at
+the same sparsity, held-out fidelity, the SubNet on the block-sparse kernels timed against the
+dense model, exported as safetensors + JSON.
+
+``search.target`` is the kept density (1 - sparsity) of the prunable layers, weighted by
+parameters or MACs (``supernet.cost_weighting``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from dipgo.postprocess.plan import Plan
+from dipgo.search.tasks import load_configured_model, register_task
+
+
+def gate_config(cfg: DictConfig) -> Any:
+    from dipgo.supernets.mask import MaskGateConfig
+
+    s = cfg.supernet
+    return MaskGateConfig(pattern=str(s.pattern), saliency=s.saliency, cost_weighting=s.cost_weighting,
+                          strict_pattern=bool(s.strict_pattern), temperature=float(s.mask_temperature))
+
+
+def calibration_batches(pool: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """The whole calibration pool in fixed chunks (no ``index``): Wanda norms, Hessians, distillation."""
+    from dipgo.search.data import collate
+
+    out = []
+    for start in range(0, len(pool), batch_size):
+        items = [pool[i] for i in range(start, min(start + batch_size, len(pool)))]
+        out.append({k: v for k, v in collate(items).items() if k != "index"})
+    return out
+
+
+@register_task("mask")
+class MaskTask:
+    """Sparsity: one learned density per prunable layer."""
+
+    kind = "mask"
+
+    def build(self, loaded: Any, cfg: DictConfig) -> Any:
+        from dipgo.postprocess.mask_plan import check_mask_target
+        from dipgo.search.block_task import _check_data, _example, calibration_pool, output_fn_for
+        from dipgo.supernets.adapters import UnsupportedModelError
+        from dipgo.supernets.mask import apply_mask_gates
+
+        try:
+            _check_data(loaded, cfg)
+        except UnsupportedModelError as exc:  # the same data rules as the block kind, named for this one
+            raise UnsupportedModelError(str(exc).replace("kind=block", "kind=mask").replace("block search", "mask search")) from None
+        check_mask_target(cfg.search.target)
+        pool = calibration_pool(loaded, cfg)
+        batches = calibration_batches(pool, cfg.data.batch_size)
+        fn = output_fn_for(loaded.kind)
+        supernet = apply_mask_gates(loaded.model, _example(pool), fn, gate_config(cfg), calibration=batches)
+        supernet.calibration_pool = pool
+        supernet.calibration_batches = batches
+        for msg in supernet.refused.values():
+            print(f"dipgo: {msg}")
+        return supernet
+
+    def datamodule(self, loaded: Any, supernet: Any, cfg: DictConfig) -> Any:
+        from dipgo.search.data import CalibrationDataModule
+
+        return CalibrationDataModule(supernet.calibration_pool, cfg.data.batch_size, cfg.data.steps_per_epoch,
+                                     cfg.seed, cfg.data.num_workers)
+
+    def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
+        from dipgo.postprocess.mask_plan import extract_mask_plan
+
+        return extract_mask_plan(probs, supernet, cfg.search.target, meta={"model_source": cfg.model.name})
+
+    def evaluate(self, loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
+        from dipgo.report.mask_eval import evaluate_mask
+
+        return evaluate_mask(loaded, supernet, plan, cfg, run_dir)
+
+    def summary_lines(self, report: dict[str, Any]) -> list[str]:
+        from dipgo.report.mask_eval import summary_lines
+
+        return summary_lines(report)
+
+    def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict:
+        raise NotImplementedError("dipgo bench does not run mask plans yet; the search report and "
+                                  "scripts/bench_sparsity.py time the kernel SubNet")
+
+    def bench_lines(self, result: dict[str, Any]) -> list[str]:
+        return []
+
+    def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
+        from dipgo.report.mask_eval import build_subnet
+
+        loaded = load_configured_model(cfg)
+        supernet = self.build(loaded, cfg)
+        subnet, _, _ = build_subnet(loaded, supernet, plan, cfg)
+        path = _export(subnet, plan, out, loaded)
+        return path
+
+
+def _export(subnet: Any, plan: Plan, out: Path, loaded: Any) -> Path:
+    from dipgo.postprocess.mask_subnet import export_mask_subnet
+
+    path = export_mask_subnet(subnet, plan, out, {"source": loaded.source, "kind": loaded.kind})
+    if getattr(loaded, "tokenizer", None) is not None:
+        loaded.tokenizer.save_pretrained(str(path))
+    return path
