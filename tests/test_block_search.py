@@ -242,3 +242,22 @@ def test_finetune_distils_the_subnet_and_exports_the_tuned_weights(tmp_path: Pat
     untuned = remove_blocks(original, result.plan).eval()
     assert not torch.allclose(exported(x), untuned(x))  # the weights moved: the tuned SubNet was exported
     assert (result.run_dir / "logs" / "finetune" / "metrics.csv").is_file()
+
+
+def test_cli_report_bench_export_on_a_block_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dipgo.cli import main
+
+    folder = tiny_timm_folder(tmp_path, channels=(8, 8, 16, 16), stem_width=8)
+    result = run_search(compose_config(block_overrides(folder, tmp_path / "runs"))[0], quiet=True)
+    assert main(["report", str(result.run_dir)]) == 0
+    assert "removed by dipgo" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "agg")]) == 0
+    assert "| accuracy |" in (tmp_path / "agg" / "pareto.md").read_text().splitlines()[0]
+    bench = tmp_path / "bench.json"
+    assert main(["bench", str(result.run_dir), "--runs", "1", "--warmup", "0", "--batch", "2", "--out", str(bench)]) == 0
+    assert json.loads(bench.read_text())["removed"] == [b for b, k in zip(result.plan.blocks, result.plan.compute[0]) if not k]
+    assert main(["export", str(result.run_dir), "--out", str(tmp_path / "exported")]) == 0
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'exported'}", pretrained=True).eval()
+    shipped = timm.create_model(f"local-dir:{result.report['subnet_dir']}", pretrained=True).eval()
+    x = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(reloaded(x), shipped(x))
