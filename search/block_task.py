@@ -128,7 +128,7 @@ class BlockTask:
     def datamodule(self, loaded: Any, supernet: Any, cfg: DictConfig) -> Any:
         from dipgo.search.data import CalibrationDataModule
 
-        pool = calibration_pool(loaded, cfg)
+        pool = supernet.calibration_pool  # built once in build()
         return CalibrationDataModule(pool, cfg.data.batch_size, cfg.data.steps_per_epoch, cfg.seed, cfg.data.num_workers)
 
     def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:

@@ -32,7 +32,7 @@ from torch.utils.hooks import RemovableHandle
 
 from dipgo.report.macs import count_macs
 from dipgo.supernets.adapters import UnsupportedModelError
-from dipgo.supernets.gates import GateSlot
+from dipgo.supernets.gates import GateSlot, freeze
 
 # (model, batch) -> the tensor the distortion compares (logits, pooled embedding...)
 OutputFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -368,22 +368,6 @@ def _mix(g: torch.Tensor, x: torch.Tensor, output: Any, path: str) -> Any:
     return mixed if isinstance(output, torch.Tensor) else (mixed, *output[1:])
 
 
-def _freeze(model: nn.Module) -> Callable[[], None]:
-    """Freeze and switch to eval; returns the function that restores the previous flags exactly."""
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
-    model.requires_grad_(False)
-    model.eval()
-
-    def restore() -> None:
-        for p, flag in grads:
-            p.requires_grad_(flag)
-        for m, flag in modes:
-            m.training = flag
-
-    return restore
-
-
 def _batch_size(batch: dict[str, torch.Tensor]) -> int:
     for value in batch.values():
         if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -415,7 +399,7 @@ class BlockSuperNet:
         self._costs = torch.tensor(costs, dtype=torch.float64)  # (N,)
         self._full = float(full)
         self._gates: torch.Tensor | None = None
-        self._restore = restore or _freeze(model)
+        self._restore = restore or freeze(model)
         self._handles: list[RemovableHandle] = [
             model.get_submodule(b).register_forward_hook(self._hook(i, b), with_kwargs=True)
             for i, b in enumerate(self.blocks)
@@ -495,7 +479,7 @@ def apply_block_gates(model: nn.Module, example: dict[str, torch.Tensor],
     if model in _INSTALLED:
         raise RuntimeError(f"{type(model).__name__} already has block gates: call remove() on that SuperNet first")
     output_fn = output_fn or default_output
-    restore = _freeze(model)  # frozen first: the FLOP counter's module tracker trips on leaf inputs that need grad
+    restore = freeze(model)  # frozen first: the FLOP counter's module tracker trips on leaf inputs that need grad
     try:
         blocks = find_blocks(model, example, output_fn)
         total, per_module = count_macs(lambda: output_fn(model, example))

@@ -12,10 +12,12 @@ shape ``(N,)`` with ``N == len(slots)``, in slot order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
+from torch import nn
 
 GateKind = Literal["reuse", "block", "mask"]
 GATE_KINDS: tuple[str, ...] = ("reuse", "block", "mask")
@@ -78,3 +80,23 @@ class SuperNet(Protocol):
     def gated(self, batch: dict[str, torch.Tensor], gates: torch.Tensor) -> dict[str, torch.Tensor]:
         """Same keys as :meth:`reference`, with soft (or hard 0/1) gates, differentiable in ``gates``."""
         ...
+
+
+def freeze(model: nn.Module) -> Callable[[], None]:
+    """Freeze and switch to eval; returns the function that restores the previous flags exactly.
+
+    Every SuperNet wraps a frozen model (the pruner is the only thing trained) and must hand the
+    model back untouched when removed.
+    """
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    model.requires_grad_(False)
+    model.eval()
+
+    def restore() -> None:
+        for p, flag in grads:
+            p.requires_grad_(flag)
+        for m, flag in modes:
+            m.training = flag
+
+    return restore

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dipgo.report.macs import block_macs
 from dipgo.supernets.adapters import ConsumerGraph, ReuseUnit, get_reuse_adapter
-from dipgo.supernets.gates import GateSlot
+from dipgo.supernets.gates import GateSlot, freeze
 from dipgo.supernets.sampling import (
     SCHEDULER_NAMES,
     make_model_fn,
@@ -294,22 +294,6 @@ def remove_reuse(model: nn.Module) -> None:
     hooks.remove()
 
 
-def _freeze(model: nn.Module) -> Callable[[], None]:
-    """Freeze and switch to eval; returns the function that restores the previous flags exactly."""
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
-    model.requires_grad_(False)
-    model.eval()
-
-    def restore() -> None:
-        for p, flag in grads:
-            p.requires_grad_(flag)
-        for m, flag in modes:
-            m.training = flag
-
-    return restore
-
-
 # ----------------------------------------------------------------------------- SuperNet
 
 
@@ -354,7 +338,7 @@ class ReuseSuperNet:
         self.null_class = config.null_class if config.null_class is not None else null_class_for(model)
         self._unit_macs = torch.tensor(list(unit_macs), dtype=torch.float64)  # (B,)
         self._call_macs = float(call_macs)
-        restore = _freeze(model)
+        restore = freeze(model)
         self._hooks = ReuseHooks(model, self.units)
         self._hooks.on_remove(restore)
         self._model_fn = make_model_fn(model)

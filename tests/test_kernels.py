@@ -40,7 +40,7 @@ def _reference64(x, packed: BlockSparseWeight, bias, activation):
     )
 
 
-def _check(x, packed, bias, activation):
+def assert_matches_reference(x, packed, bias, activation):
     y = block_sparse_linear(x, packed.values, packed.col_indices, packed.row_ptr, bias, activation)
     ref = _reference64(x, packed, bias, activation)
     assert y.shape == ref.shape and y.dtype == x.dtype
@@ -60,8 +60,8 @@ def test_cpu_op_matches_reference(out_f, in_f, block, sparsity):
     for tokens in (1, 7, 37):  # below, at and past the micro-kernel's row tiles
         x = torch.randn(tokens, in_f, generator=gen)
         for act in ACTS:
-            _check(x, packed, bias, act)
-    _check(torch.randn(300, in_f, generator=gen), packed, None, "gelu")  # several row chunks, no bias
+            assert_matches_reference(x, packed, bias, act)
+    assert_matches_reference(torch.randn(300, in_f, generator=gen), packed, None, "gelu")  # several row chunks, no bias
 
 
 @pytest.mark.parametrize("shape", [(64,), (2, 3, 64), (2, 1, 5, 64)])
@@ -69,15 +69,15 @@ def test_cpu_op_batch_dims(shape):
     _, packed = random_block_sparse(96, 64, 0.6, (32, 16))
     x = torch.randn(*shape)
     for bias in (None, torch.randn(96)):
-        _check(x, packed, bias, "relu")
+        assert_matches_reference(x, packed, bias, "relu")
 
 
 def test_cpu_op_strided_input_and_empty():
     _, packed = random_block_sparse(64, 64, 0.5, (16, 16))
     x = torch.randn(64, 10).t()  # (10, 64), rows not contiguous
-    _check(x, packed, torch.randn(64), "gelu")
+    assert_matches_reference(x, packed, torch.randn(64), "gelu")
     x = torch.randn(20, 128)[:, ::2]  # (20, 64), unit stride broken along K
-    _check(x, packed, None, "none")
+    assert_matches_reference(x, packed, None, "none")
     assert block_sparse_linear(torch.randn(0, 64), packed.values, packed.col_indices, packed.row_ptr).shape == (0, 64)
 
 
@@ -96,10 +96,10 @@ def test_fallback_without_native_kernel(monkeypatch):
     for block in ((32, 32), (32, 16)):  # torch's CPU BSR matmul takes square blocks; the other is the reference
         _, packed = random_block_sparse(96, 64, 0.5, block)
         for act in ACTS:
-            _check(x, packed, torch.randn(96), act)
-        _check(x.double(), packed.to(torch.float64), None, "gelu")
+            assert_matches_reference(x, packed, torch.randn(96), act)
+        assert_matches_reference(x.double(), packed.to(torch.float64), None, "gelu")
         with torch.inference_mode():  # the BSR tensor is built inside the call, so this works
-            _check(x, packed, None, "relu")
+            assert_matches_reference(x, packed, None, "relu")
 
 
 def test_native_kernel_is_built_here():
@@ -127,7 +127,7 @@ def test_missing_compiler_warns_and_falls_back(monkeypatch):
         with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
             assert native.load() is None
         _, packed = random_block_sparse(64, 64, 0.5, (32, 32))
-        _check(torch.randn(5, 64), packed, torch.randn(64), "gelu")
+        assert_matches_reference(torch.randn(5, 64), packed, torch.randn(64), "gelu")
     finally:
         native._load_cached.cache_clear()
 
