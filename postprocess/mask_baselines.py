@@ -67,7 +67,7 @@ def prune_baseline(name: str, model: nn.Module, layers: Sequence[str], target: f
     dens = {p: pattern.fixed_density or target for p in layers}
     if name == "sparsegpt":
         fixed = None
-        if pattern.kind == "block":  # a block spans several OBS columns: choose it on Wanda block scores first
+        if pattern.blocked:  # a block spans several OBS columns: choose it on Wanda block scores first
             fixed = {p: density_mask(wanda_score(model.get_submodule(p), norms[p]), dens[p], pattern) for p in layers}
         return sequential_reconstruct(model, layers, dens, pattern, batches, output_fn, fixed_masks=fixed)
     if name == "magnitude":
@@ -79,7 +79,7 @@ def prune_baseline(name: str, model: nn.Module, layers: Sequence[str], target: f
             dens = owl_densities(scores, costs, target)
         if pattern.kind == "nm":
             masks = {p: nm_mask(s, pattern.n, pattern.m) for p, s in scores.items()}
-        elif pattern.kind == "block":
+        elif pattern.blocked:
             masks = {p: density_mask(s, dens[p], pattern) for p, s in scores.items()}
         else:
             masks = {p: row_mask(s, dens[p]) for p, s in scores.items()}

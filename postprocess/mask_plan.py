@@ -7,8 +7,11 @@ dense (a refused pattern, or density 1), ``plan.meta["density"]`` the kept fract
 
 The learned densities are projected onto the budget by one shift in logit space (bisection), so
 their order and spread are kept; then each layer's density is rounded to what its pattern can
-represent (a whole number of weights or blocks) and the rounding error is repaid greedily on the
-largest layers, which lands the global density within one block of the target.
+represent (a whole number of weights or blocks; for ``rowblock`` a whole number of column blocks
+per block-row, the same in every row) and the rounding error is repaid one unit at a time over
+the layers (least moved and largest first), which lands the global density within one block (one
+block column for ``rowblock``) of the target. The density recorded per layer is then exactly what
+its mask keeps.
 """
 
 from __future__ import annotations
@@ -64,26 +67,32 @@ def project_densities(densities: Sequence[float], costs: Sequence[float], fixed:
 
 def quantise(densities: list[float], units: Sequence[int], costs: Sequence[float], fixed: Sequence[float | None],
              target: float) -> list[float]:
-    """Round each free density to ``k / units_i`` and repay the error on the largest layers."""
+    """Round each free density to ``k / units_i`` and repay the error one unit at a time.
+
+    Each repayment moves one layer by one unit, taking the layers moved least so far first and the
+    largest among them, so the error is spread over many layers rather than dumped on one (this
+    matters for coarse units: a ``rowblock32`` layer with 384 inputs has 12 density steps).
+    """
     out = list(densities)
     for i, f in enumerate(fixed):
         if f is None:
             out[i] = max(round(out[i] * units[i]), 1) / units[i]
     total = sum(costs)
-    order = sorted((i for i, f in enumerate(fixed) if f is None), key=lambda i: -costs[i])
-    for _ in range(4 * len(order) + 4):
+    free = [i for i, f in enumerate(fixed) if f is None]
+    moves = dict.fromkeys(free, 0)
+    for _ in range(16 * len(free) + 16):
         gap = target - sum(d * c for d, c in zip(out, costs)) / total
-        if abs(gap) < 1e-9 or not order:
+        if abs(gap) < 1e-9 or not free:
             break
         moved = False
-        for i in order:
+        for i in sorted(free, key=lambda j: (moves[j], -costs[j])):
             step = costs[i] / units[i] / total
             if step > abs(gap) * 2:
                 continue
             room = (1.0 - out[i]) if gap > 0 else (out[i] - 1.0 / units[i])  # density this layer can still move
-            k = min(round(abs(gap) / step), round(room * units[i]))
-            if k >= 1:
-                out[i] += math.copysign(k / units[i], gap)
+            if round(room * units[i]) >= 1:
+                out[i] += math.copysign(1 / units[i], gap)
+                moves[i] += 1
                 moved = True
                 break
         if not moved:
@@ -92,12 +101,18 @@ def quantise(densities: list[float], units: Sequence[int], costs: Sequence[float
 
 
 def layer_units(supernet: Any) -> list[int]:
-    """Decisions per layer: weights (unstructured) or blocks (block patterns)."""
+    """Density steps per layer: weights (unstructured), blocks (block), or column blocks per
+    block-row (rowblock: every block-row keeps the same count ``k``, so the density is ``k / (in/b)``)."""
     p: Pattern = supernet.pattern
     units = []
     for path in supernet.layers:
-        n = weight_matrix(supernet.model.get_submodule(path)).numel()
-        units.append(n // (p.block * p.block) if p.kind == "block" else n)
+        w = weight_matrix(supernet.model.get_submodule(path))
+        if p.kind == "rowblock":
+            units.append(max(w.shape[1] // p.block, 1))
+        elif p.kind == "block":
+            units.append(w.numel() // (p.block * p.block))
+        else:
+            units.append(w.numel())
     return units
 
 

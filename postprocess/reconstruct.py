@@ -47,7 +47,7 @@ def obs_prune(weight: torch.Tensor, hessian: torch.Tensor, density: float, patte
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)  # (I, I) upper
     if mask is not None:
         return masked_solve(w, h, mask.bool()), mask.clone().bool()
-    if pattern.kind == "block":
+    if pattern.blocked:
         raise ValueError("obs_prune: block patterns need a precomputed mask")
     keep = torch.ones_like(w, dtype=torch.bool)
     for c0 in range(0, i, blocksize):
@@ -224,5 +224,9 @@ def distill_kept_weights(model: nn.Module, masks: dict[str, torch.Tensor], batch
 
 def block_masks(model: nn.Module, layers: list[str], densities: dict[str, float], pattern: Pattern,
                 saliency: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keep masks for block patterns (chosen on block saliency before the OBS update)."""
+    """Keep masks for block patterns (chosen on block saliency before the OBS update).
+
+    ``block``: the globally most salient blocks of each layer; ``rowblock``: the same number of
+    most salient column blocks in every block-row (:func:`~dipgo.supernets.mask.rowblock_mask`).
+    """
     return {p: density_mask(saliency[p], densities[p], pattern) for p in layers if densities.get(p, 1.0) < 1.0}

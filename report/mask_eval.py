@@ -1,7 +1,8 @@
 """Measure a mask plan: pruned SubNet vs one-shot baselines on held-out data, kernels timed.
 
 Variants, all at the plan's global sparsity: ``dipgo`` (learned allocation + OBS reconstruction +
-distillation of the kept weights), ``dipgo_mask_only`` (the same masks' allocation without any
+distillation of the kept weights, + SDS when ``supernet.sds.enabled``), ``dipgo_before_sds`` (with
+SDS on: the same before its re-dense and second prune), ``dipgo_mask_only`` (the same masks' allocation without any
 weight update, an ablation), and the configured baselines (``magnitude``, ``wanda``, ``owl``,
 ``sparsegpt``; :mod:`dipgo.postprocess.mask_baselines`). Fidelity: for encoders the cosine of
 mean-pooled embeddings to the dense model's on held-out sentences; for classifiers accuracy /
@@ -26,7 +27,7 @@ def kernel_block(plan: Plan) -> tuple[int, int]:
     from dipgo.supernets.mask import parse_pattern
 
     p = parse_pattern(plan.meta["pattern"])
-    return (p.block, p.block) if p.kind == "block" else (32, 32)
+    return (p.block, p.block) if p.kind in ("block", "rowblock") else (32, 32)
 
 
 def build_subnet(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig) -> tuple[nn.Module, dict, dict]:
@@ -34,13 +35,15 @@ def build_subnet(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig) -> tup
     from dipgo.postprocess.mask_subnet import prune_with_plan, to_kernels
 
     model = supernet.remove()
+    stages: dict[str, Any] = {}
     pruned, masks = prune_with_plan(model, plan, supernet.saliency, supernet.calibration_batches, supernet.output_fn,
                                     reconstruct=cfg.supernet.reconstruct, distill_steps=cfg.supernet.distill_steps,
-                                    distill_lr=cfg.supernet.distill_lr)
+                                    distill_lr=cfg.supernet.distill_lr, sds=cfg.supernet.get("sds"),
+                                    norms=supernet.norms, stages=stages)
     kern = copy.deepcopy(pruned)
     tokens = cfg.report.latency_batch * (cfg.data.max_length if loaded.kind == "encoder" else 1)
     conversion = to_kernels(kern, masks, kernel_block(plan), tokens=tokens)
-    return kern, masks, {"pruned": pruned, "conversion": conversion}
+    return kern, masks, {"pruned": pruned, "conversion": conversion, **stages}
 
 
 def evaluate_mask(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
@@ -61,6 +64,10 @@ def evaluate_mask(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_d
     variants = [{"name": "full", "density": 1.0, **fidelity(kind, ref, ref, labels)}]
     variants.append({"name": "dipgo", "density": global_density(masks, costs) if masks else 1.0,
                      **fidelity(kind, outputs(extra["pruned"], kind, data), ref, labels)})
+    if "before_sds" in extra:
+        first, first_masks = extra["before_sds"]
+        variants.append({"name": "dipgo_before_sds", "density": global_density(first_masks, costs),
+                         **fidelity(kind, outputs(first, kind, data), ref, labels)})
     only, only_masks = prune_with_plan(model, plan, supernet.saliency, batches, supernet.output_fn, reconstruct=False)
     variants.append({"name": "dipgo_mask_only", "density": global_density(only_masks, costs) if only_masks else 1.0,
                      **fidelity(kind, outputs(only, kind, data), ref, labels)})
@@ -89,6 +96,8 @@ def evaluate_mask(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_d
         "variants": variants,
         "kernel_layers": sum(1 for r in conv.values() if r["converted"]),
         "masked_layers": len(masks),
+        "sds": "before_sds" in extra,
+        **({"sds_config": _sds_dict(cfg)} if "before_sds" in extra else {}),
         "kernel_fidelity": kernel_fid,
         "latency": {k: v.to_dict() for k, v in lat.items()},
         "speedup": speedup(lat["full"], lat["dipgo_kernels"]),
@@ -96,6 +105,12 @@ def evaluate_mask(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_d
         "subnet_dir": str(subnet_dir),
     }
     return report, {}
+
+
+def _sds_dict(cfg: DictConfig) -> dict[str, Any]:
+    from dipgo.postprocess.sds import SDSConfig
+
+    return SDSConfig.from_config(cfg.supernet.get("sds")).to_dict()
 
 
 def _free_target(plan: Plan, supernet: Any) -> float:
@@ -108,7 +123,8 @@ def _free_target(plan: Plan, supernet: Any) -> float:
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
     key = report["fidelity_metric"]
-    lines = [f"mask plan: pattern {report['pattern']}, density {report['plan_density']:.4f} "
+    lines = [f"mask plan: pattern {report['pattern']}{' + SDS' if report.get('sds') else ''}, "
+             f"density {report['plan_density']:.4f} "
              f"(target {report['target_density']:.4f}); {report['kernel_layers']}/{report['masked_layers']} layers "
              f"on block-sparse kernels, {report['speedup']:.2f}x vs dense"]
     for v in report["variants"]:

@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--distill-lr", type=float, default=3e-4)
     ap.add_argument("--skip-allocation", action="store_true")
     ap.add_argument("--no-ablation", action="store_true")
+    ap.add_argument("--settings", default="unstructured:0.5,unstructured:0.3,2:4:0.5",
+                    help="allocation settings as pattern:density, comma-separated")
     args = ap.parse_args()
     result_args = vars(args)
     threads = torch.get_num_threads()
@@ -97,7 +99,8 @@ def main() -> None:
         common = {"trainer.max_steps": args.steps, "supernet.distill_steps": args.distill_steps,
                   "supernet.distill_lr": args.distill_lr, "data.pool_size": args.pool, "report.num_samples": args.samples}
         if not args.skip_allocation:
-            for pattern, target in (("unstructured", 0.5), ("unstructured", 0.3), ("2:4", 0.5)):
+            settings = [item.rsplit(":", 1) for item in args.settings.split(",") if item]
+            for pattern, target in ((p, float(t)) for p, t in settings):
                 steps = 5 if ":" in pattern else args.steps
                 ov = _overrides(runs, **{**common, "trainer.max_steps": steps, "search.target": target,
                                          "supernet.pattern": f'"{pattern}"', "report.latency_runs": 3})

@@ -51,7 +51,7 @@ def compose_config(overrides: Sequence[str] = ()) -> tuple[DictConfig, dict[str,
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+            cfg = compose("config", overrides=_legacy_overrides(overrides), return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(explain_hydra_error(exc)) from None
     finally:
@@ -71,7 +71,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"search.target must be in (0, 1] (the fraction of MACs to keep, 0.25 = 4x fewer); got {target}"
         )
     _check_budgets(cfg)
-    _one_of("supernet.kind", cfg.supernet.kind, ("reuse", "block", "mask"))
+    _one_of("supernet.kind", cfg.supernet.kind, ("reuse", "block", "mask", "joint"))
     _one_of("supernet.granularity", cfg.supernet.granularity, ("block", "layer"))
     _one_of("supernet.mode", cfg.supernet.mode, ("auto", "output", "residual"))
     _one_of("supernet.scheduler", cfg.supernet.scheduler, ("ddim", "dpmsolver++", "euler"))
@@ -79,6 +79,8 @@ def validate_config(cfg: DictConfig) -> None:
     _one_of("supernet.cost", cfg.supernet.cost, ("macs", "latency"))
     if cfg.supernet.kind == "mask":
         _validate_mask(cfg)
+    if cfg.supernet.kind == "joint":
+        _validate_joint(cfg)
     _one_of("logger.wandb_mode", cfg.logger.wandb_mode, ("auto", "offline", "online", "disabled"))
     _one_of("search.cost.mode", cfg.search.cost.mode, ("two_sided", "hinge"))
     _one_of("search.cost.controller", cfg.search.cost.controller, ("dual", "fixed"))
@@ -111,16 +113,53 @@ def _check_budgets(cfg: DictConfig) -> None:
 
 def _validate_mask(cfg: DictConfig) -> None:
     """The mask kind: search.target is a kept density in (0, 1); pattern / saliency / weighting enumerations."""
+    from dipgo.supernets.mask import PATTERNS
+
     if not 0.0 < cfg.search.target < 1.0:
         raise ConfigError(f"supernet.kind=mask needs search.target in (0, 1) (the kept density, 1 - sparsity: "
                           f"0.5 = 50% sparse); got {cfg.search.target}")
-    _one_of("supernet.pattern", cfg.supernet.pattern, ("unstructured", "2:4", "4:8", "block16", "block32"))
+    _one_of("supernet.pattern", cfg.supernet.pattern, PATTERNS)
     _one_of("supernet.saliency", cfg.supernet.saliency, ("magnitude", "wanda"))
     _one_of("supernet.cost_weighting", cfg.supernet.cost_weighting, ("params", "macs"))
-    if cfg.supernet.sds:
-        raise ConfigError("supernet.sds=true is not implemented yet; set supernet.sds=false")
+    from dipgo.postprocess.sds import sds_refusal
+
+    sds = cfg.supernet.sds
+    problem = sds_refusal(sds.steps, sds.lr, sds.l1, sds.rounds)
+    if problem is not None:
+        raise ConfigError(problem)
     if cfg.supernet.mask_temperature <= 0:
         raise ConfigError(f"supernet.mask_temperature must be > 0; got {cfg.supernet.mask_temperature}")
+
+
+def _validate_joint(cfg: DictConfig) -> None:
+    """The joint kind: which kinds, and the mask part's enumerations when it is searched."""
+    from dipgo.supernets.joint import check_kinds
+
+    try:
+        kinds = check_kinds(cfg.supernet.kinds)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.supernet.cost != "macs":
+        raise ConfigError("supernet.kind=joint spends one budget in MACs (supernet.cost=macs): the sparsity's "
+                          "latency depends on kernels that the search does not model")
+    if "mask" in kinds:
+        _one_of("supernet.pattern", cfg.supernet.pattern, ("unstructured", "2:4", "4:8"))
+        _one_of("supernet.saliency", cfg.supernet.saliency, ("magnitude", "wanda"))
+    _one_of("supernet.mask_allocation", cfg.supernet.mask_allocation, ("layer", "global"))
+    if cfg.supernet.mask_calib_items < 1:
+        raise ConfigError(f"supernet.mask_calib_items must be at least 1; got {cfg.supernet.mask_calib_items}")
+    bad = [d for d in [cfg.supernet.mask_min_density, *cfg.supernet.split_densities] if not 0.0 < d <= 1.0]
+    if bad:
+        raise ConfigError(f"supernet.mask_min_density and supernet.split_densities are densities in (0, 1]; got {bad}")
+
+
+def _legacy_overrides(overrides: Sequence[str]) -> list[str]:
+    """``supernet.sds=true|false`` (the old boolean) -> ``supernet.sds.enabled=...``."""
+    out = []
+    for o in overrides:
+        m = re.fullmatch(r"(\+{0,2}supernet\.sds)=(true|false|True|False)", o.strip())
+        out.append(f"{m[1]}.enabled={m[2].lower()}" if m else o)
+    return out
 
 
 def _one_of(key: str, value: str, accepted: Sequence[str]) -> None:

@@ -24,8 +24,20 @@ class ModelConfig:
 
 
 @dataclass
+class SdsSchema:
+    """Mask kind, SDS (Sparse-Dense-Sparse): after the prune, re-activate the pruned weights, train the
+    masked layers dense towards the dense outputs with an L1 pull of those weights to zero, prune again."""
+
+    enabled: bool = False  # run SDS after dipgo's prune (the report then also lists dipgo_before_sds)
+    steps: int = 100  # Adam steps of the re-dense training per round (>= 1)
+    lr: float = 3e-4  # Adam learning rate of the re-dense training (cosine decay)
+    l1: float = 0.3  # L1 pull of the previously pruned weights to zero, per step in learning-rate units (>= 0; 0 = off)
+    rounds: int = 1  # dense-sparse rounds (>= 1)
+
+
+@dataclass
 class SupernetConfig:
-    kind: str = "reuse"  # gate kind: reuse (timestep feature reuse) | block | mask
+    kind: str = "reuse"  # gate kind: reuse (timestep feature reuse) | block | mask | joint (reuse + mask, one budget)
     granularity: str = "block"  # block | layer (finer: each resnet/attention or attn/MLP)
     mode: str = "auto"  # reuse mode: auto | output | residual
     num_steps: int = 50  # sampling steps the plan is searched for
@@ -34,7 +46,7 @@ class SupernetConfig:
     checkpointing: bool = False  # gradient checkpointing per sampling step (less memory, ~30% slower)
     truncate_steps: int | None = None  # truncated backprop through the unrolled trajectory
     cost: str = "macs"  # block kind: what search.target measures, macs (counted) | latency (per-block table measured on this device)
-    pattern: str = "unstructured"  # mask kind: unstructured | 2:4 | 4:8 | block16 | block32 (block patterns run on the block-sparse kernels)
+    pattern: str = "unstructured"  # mask kind: unstructured | 2:4 | 4:8 | block16 | block32 | rowblock16 | rowblock32 (block patterns run on the block-sparse kernels; rowblock keeps the same count per block-row)
     saliency: str = "wanda"  # mask kind: magnitude (|W|) | wanda (|W| * input-column norm on calibration data)
     cost_weighting: str = "params"  # mask kind: global sparsity weighted by params | macs (search.target is the kept density)
     strict_pattern: bool = False  # mask kind: refuse the run when a layer cannot hold the pattern (default: leave it dense)
@@ -42,7 +54,13 @@ class SupernetConfig:
     reconstruct: bool = True  # mask kind: OBS layer-wise reconstruction of the kept weights on calibration inputs
     distill_steps: int = 100  # mask kind: steps distilling the kept weights towards the dense outputs (0 = off)
     distill_lr: float = 3e-4  # mask kind: Adam learning rate of that distillation
-    sds: bool = False  # mask kind: SDS step (re-dense with sparse regularisation, prune again); not implemented yet, refused when true
+    sds: SdsSchema = field(default_factory=SdsSchema)  # mask kind: optional SDS step after the prune (dipgo.postprocess.sds)
+    kinds: list[str] = field(default_factory=lambda: ["reuse", "mask"])  # joint kind: what is searched ([reuse, mask], [reuse] or [mask])
+    mask_exclude: list[str] = field(default_factory=list)  # joint kind: extra regexes of module paths never masked
+    mask_calib_items: int = 16  # joint kind: calibration noises whose trajectories give Wanda norms and OBS Hessians
+    mask_allocation: str = "layer"  # joint kind: layer (a learned density per layer) | global (one learned density for all masked layers)
+    mask_min_density: float = 0.05  # joint kind: smallest density a learned layer allocation may give a layer
+    split_densities: list[float] = field(default_factory=list)  # joint kind: uniform densities measured against the learned allocation (1.0 = all budget to reuse)
 
 
 @dataclass

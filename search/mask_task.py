@@ -7,7 +7,8 @@ training sentences for encoders, digits training images for classifiers). Plan: 
 densities projected onto the exact global density (:mod:`dipgo.postprocess.mask_plan`).
 Evaluate: the plan pruned with OBS reconstruction + distillation, the four one-shot baselines at
 the same sparsity, held-out fidelity, the SubNet on the block-sparse kernels timed against the
-dense model, exported as safetensors + JSON.
+dense model, exported as safetensors + JSON. Bench (``dipgo bench``): the dense model against the
+plan's kernel SubNet with masks from saliency and weights only zeroed (:mod:`dipgo.report.mask_bench`).
 
 ``search.target`` is the kept density (1 - sparsity) of the prunable layers, weighted by
 parameters or MACs (``supernet.cost_weighting``).
@@ -93,11 +94,15 @@ class MaskTask:
         return summary_lines(report)
 
     def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict:
-        raise NotImplementedError("dipgo bench does not run mask plans yet; the search report and "
-                                  "scripts/bench_sparsity.py time the kernel SubNet")
+        """Dense vs kernel SubNet of ``plan`` (masks from saliency, no reconstruction); see :mod:`dipgo.report.mask_bench`."""
+        from dipgo.report.mask_bench import bench_mask_plan
+
+        return bench_mask_plan(cfg, plan, runs=runs, warmup=warmup, batch=batch, threads=threads)
 
     def bench_lines(self, result: dict[str, Any]) -> list[str]:
-        return []
+        from dipgo.report.mask_bench import bench_lines
+
+        return bench_lines(result)
 
     def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
         from dipgo.report.mask_eval import build_subnet

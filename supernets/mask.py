@@ -15,7 +15,9 @@ it to ``search.target`` exactly as it does for the other kinds. Saliency is ``|W
 or Wanda's ``|W| * ||X_j||`` with input-column norms from calibration data.
 
 Patterns: ``unstructured`` (rank over the whole weight), ``block16`` / ``block32`` (rank over
-summed block saliency, one decision per block, the layout the block-sparse kernels run) and
+summed block saliency, one decision per block, the layout the block-sparse kernels run),
+``rowblock16`` / ``rowblock32`` (balanced row blocks: every block-row of ``b`` output rows keeps
+the same number of its most salient column blocks, so each kernel thread gets the same work) and
 ``N:M`` (fixed density N/M per layer: the mask is the N most salient of every M inputs, so the
 slot's density is a constant and the search has nothing to allocate there). A layer whose shape
 cannot hold the pattern is refused with one sentence and left dense (or the whole run is refused
@@ -38,7 +40,7 @@ from torch.utils.hooks import RemovableHandle
 from dipgo.supernets.gates import GateSlot
 
 OutputFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-PATTERNS: tuple[str, ...] = ("unstructured", "2:4", "4:8", "block16", "block32")
+PATTERNS: tuple[str, ...] = ("unstructured", "2:4", "4:8", "block16", "block32", "rowblock16", "rowblock32")
 SALIENCIES: tuple[str, ...] = ("magnitude", "wanda")
 DEFAULT_EXCLUDE: tuple[str, ...] = (r"(.*\.)?pooler(\..*)?", r"(.*\.)?(classifier|head|fc|lm_head)")
 
@@ -49,7 +51,7 @@ class PatternError(ValueError):
 
 @dataclass(frozen=True)
 class Pattern:
-    """A parsed sparsity pattern: ``kind`` is unstructured | nm | block."""
+    """A parsed sparsity pattern: ``kind`` is unstructured | nm | block | rowblock."""
 
     name: str
     kind: str
@@ -61,9 +63,15 @@ class Pattern:
     def fixed_density(self) -> float | None:
         return self.n / self.m if self.kind == "nm" else None
 
+    @property
+    def blocked(self) -> bool:
+        """One decision per ``block x block`` tile (``block`` or ``rowblock``): masks come from block
+        saliency before any OBS update, and the layer can run on the block-sparse kernel."""
+        return self.kind in ("block", "rowblock")
+
 
 def parse_pattern(name: str) -> Pattern:
-    """``"unstructured"``, ``"N:M"`` (``2:4``, ``4:8``) or ``"blockB"`` (``block16``, ``block32``)."""
+    """``"unstructured"``, ``"N:M"`` (``2:4``, ``4:8``), ``"blockB"`` or ``"rowblockB"`` (B = 16, 32, 64)."""
     name = str(name).strip()
     if name == "unstructured":
         return Pattern(name, "unstructured")
@@ -71,8 +79,10 @@ def parse_pattern(name: str) -> Pattern:
         return Pattern(name, "nm", n=int(nm[1]), m=int(nm[2]))
     if (bl := re.fullmatch(r"block(\d+)", name)) and int(bl[1]) in (16, 32, 64):
         return Pattern(name, "block", block=int(bl[1]))
+    if (rb := re.fullmatch(r"rowblock(\d+)", name)) and int(rb[1]) in (16, 32, 64):
+        return Pattern(name, "rowblock", block=int(rb[1]))
     raise PatternError(f"sparsity pattern {name!r} is not supported; accepted: unstructured, N:M with N < M "
-                       f"(2:4, 4:8), block16, block32, block64")
+                       f"(2:4, 4:8), block16, block32, block64, rowblock16, rowblock32, rowblock64")
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:
@@ -87,7 +97,7 @@ def pattern_refusal(path: str, module: nn.Module, pattern: Pattern) -> str | Non
     what = f"layer {path} ({type(module).__name__}, weight {out_f}x{in_f})"
     if pattern.kind == "nm" and in_f % pattern.m:
         return f"{what}: pattern {pattern.name} needs an input dim divisible by {pattern.m}; left dense"
-    if pattern.kind == "block":
+    if pattern.blocked:
         b = pattern.block
         if b > out_f or b > in_f:
             return f"{what}: block {b}x{b} is larger than the weight; left dense"
@@ -98,20 +108,66 @@ def pattern_refusal(path: str, module: nn.Module, pattern: Pattern) -> str | Non
     return None
 
 
-def rank_scores(saliency: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    """Saliency quantiles ``u`` in ``[0, 1)`` of the weight's shape (per block for block patterns)."""
-    s = saliency.float()
-    if pattern.kind == "block":
-        b = pattern.block
-        o, i = s.shape
-        s = s.reshape(o // b, b, i // b, b).sum(dim=(1, 3))  # (O/b, I/b) block saliency
+def block_saliency(saliency: torch.Tensor, block: int) -> torch.Tensor:
+    """Summed saliency per ``block x block`` tile: ``(out/b, in/b)``."""
+    o, i = saliency.shape
+    return saliency.float().reshape(o // block, block, i // block, block).sum(dim=(1, 3))
+
+
+def _quantiles(s: torch.Tensor) -> torch.Tensor:
+    """Rank of every entry of ``s`` over the whole tensor, divided by its size: ``[0, 1)``."""
     flat = s.flatten()
     ranks = torch.empty_like(flat)
     ranks[flat.argsort()] = torch.arange(flat.numel(), dtype=flat.dtype)
-    u = (ranks / flat.numel()).reshape(s.shape)
-    if pattern.kind == "block":
-        u = u.repeat_interleave(pattern.block, 0).repeat_interleave(pattern.block, 1)
-    return u
+    return (ranks / flat.numel()).reshape(s.shape)
+
+
+def rowblock_ranks(block_sal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r, q)`` of block saliency ``(R, C)``: ``r`` the rank of each block within its block-row
+    (``0..C-1``, ascending), ``q`` in ``(0, 1)`` its rank among the blocks of equal ``r`` in the other
+    block-rows (a tie-break that only orders blocks, never changes a row's count)."""
+    rows, cols = block_sal.shape
+    vals, idx = block_sal.sort(dim=1, stable=True)  # (R, C) ascending within each block-row
+    across = torch.empty_like(vals)
+    order = vals.argsort(dim=0, stable=True)  # (R, C): per within-row rank, rows by saliency
+    across.scatter_(0, order, torch.arange(rows, dtype=vals.dtype)[:, None].expand(rows, cols).contiguous())
+    r = torch.empty_like(vals).scatter_(1, idx, torch.arange(cols, dtype=vals.dtype)[None, :].expand(rows, cols).contiguous())
+    q = torch.empty_like(vals).scatter_(1, idx, (across + 0.5) / rows)
+    return r, q
+
+
+def rank_scores(saliency: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Saliency quantiles ``u`` in ``[0, 1)`` of the weight's shape (per block for block patterns).
+
+    ``rowblock``: ``u = (r + q) / C`` with ``r`` the block's rank within its block-row of ``C``
+    column blocks and ``q`` in ``(0, 1)`` a tie-break across block-rows, so ``u >= 1 - k / C`` keeps
+    exactly the top ``k`` blocks of every block-row, while a density between two multiples of
+    ``1 / C`` adds the next block in only some rows: the kept fraction still tracks ``d`` finely,
+    and the sigmoid bridge sees closely spaced ``u`` (a useful gradient in ``d``).
+    """
+    s = saliency.float()
+    if pattern.kind == "rowblock":
+        r, q = rowblock_ranks(block_saliency(s, pattern.block))
+        u = (r + q) / r.shape[1]  # (O/b, I/b)
+    elif pattern.kind == "block":
+        u = _quantiles(block_saliency(s, pattern.block))  # (O/b, I/b)
+    else:
+        return _quantiles(s)
+    return u.repeat_interleave(pattern.block, 0).repeat_interleave(pattern.block, 1)
+
+
+def rowblock_count(density: float, in_features: int, block: int) -> int:
+    """Column blocks every block-row keeps: ``round(density * in/b)`` clamped to ``[1, in/b]``."""
+    cols = in_features // block
+    return min(max(round(float(density) * cols), 1), cols)
+
+
+def rowblock_mask(score: torch.Tensor, density: float, block: int) -> torch.Tensor:
+    """Bool mask ``(out, in)`` keeping the same :func:`rowblock_count` most salient blocks in every block-row."""
+    r, _ = rowblock_ranks(block_saliency(score, block))
+    k = rowblock_count(density, score.shape[1], block)
+    keep = r >= r.shape[1] - k  # (O/b, I/b)
+    return keep.repeat_interleave(block, 0).repeat_interleave(block, 1)
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -124,11 +180,19 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def density_mask(score: torch.Tensor, density: float, pattern: Pattern) -> torch.Tensor:
-    """Hard bool mask at ``density`` from raw saliency ``score`` ``(out, in)`` under ``pattern``."""
+    """Hard bool mask at ``density`` from raw saliency ``score`` ``(out, in)`` under ``pattern``.
+
+    Keeps the ``round(density * n)`` most salient of the ``n`` weights (blocks): the threshold sits
+    half a rank below ``1 - density``, so a plan density rounded to a few decimals (plans store 6)
+    still keeps the whole number of units the plan counted.
+    """
     if pattern.kind == "nm":
         return nm_mask(score, pattern.n, pattern.m)
+    if pattern.kind == "rowblock":
+        return rowblock_mask(score, density, pattern.block)
     u = rank_scores(score, pattern)
-    return u >= 1.0 - density - 1e-12
+    n = score.numel() // (pattern.block * pattern.block) if pattern.kind == "block" else score.numel()
+    return u >= 1.0 - density - 0.5 / n
 
 
 def is_valid_nm(mask: torch.Tensor, n: int, m: int) -> bool:
@@ -214,7 +278,7 @@ class MaskGateConfig:
     """How the mask gates are built.
 
     Attributes:
-        pattern: unstructured | 2:4 | 4:8 | block16 | block32.
+        pattern: unstructured | 2:4 | 4:8 | block16 | block32 | rowblock16 | rowblock32.
         saliency: magnitude (``|W|``) | wanda (``|W| * ||X_j||`` from calibration inputs).
         cost_weighting: params | macs: what the global sparsity averages over.
         strict_pattern: refuse the whole run when a layer cannot hold the pattern (else leave it dense).
