@@ -115,6 +115,9 @@ class SearchModule(pl.LightningModule):
         reference = self._reference(batch)
         gen = _generator(self.seed, 53)
         gates = (torch.rand(len(self.supernet.slots), generator=gen) < self.target).float().to(self.device)
+        soft = getattr(self.supernet, "soft_slots", None)  # joint search: densities at the target, not 0/1
+        if soft is not None:
+            gates = torch.where(soft.to(self.device), torch.full_like(gates, self.target), gates)
         gated = self.supernet.gated({k: v for k, v in batch.items() if k != "index"}, gates)
         value = float(distortion(gated, reference, self.distortion_cfg)["total"])
         self.distortion_scale_buffer.fill_(max(value, 1e-12))
@@ -157,10 +160,13 @@ class SearchModule(pl.LightningModule):
         logits = self.logits(target)  # (N, 2)
         tau = temperature(step, self.max_steps, self.pruner_cfg)
         gen = _generator(self.seed, 41, step)
+        soft = getattr(self.supernet, "soft_slots", None)  # joint search: (N,) bool, True = a density
         if getattr(self.supernet, "gate_mode", "hard") == "soft":  # mask kind: gates are densities
             gates = keep_probs(logits)  # (N,)
         else:
             gates = gumbel_gates(logits, tau, self.pruner_cfg.hard, gen).to(logits.dtype)  # (N,)
+            if soft is not None:
+                gates = torch.where(soft.to(gates.device), keep_probs(logits), gates)  # (N,)
         reference = self._reference(batch)
         inputs = {k: v for k, v in batch.items() if k != "index"}
         gated = self.supernet.gated(inputs, gates)

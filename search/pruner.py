@@ -114,10 +114,13 @@ def _check_grid(slots: Sequence[GateSlot], grid: tuple[int, int]) -> None:
     check the contract: ``N == S * B``, one step value per row, one block per column.
     """
     steps, blocks = grid
-    if steps < 1 or blocks < 1 or steps * blocks != len(slots):
+    # A joint search appends other kinds' slots after the reuse grid: the grid covers the
+    # leading reuse slots, the rest get free queries.
+    leading = next((i for i, s in enumerate(slots) if s.kind != "reuse"), len(slots))
+    if steps < 1 or blocks < 1 or steps * blocks != leading:
         raise ValueError(
             f"pruner grid (steps={steps}, blocks={blocks}) must multiply to the number of slots "
-            f"({len(slots)})"
+            f"({leading} reuse slots of {len(slots)})"
         )
     for s in range(steps):
         row = slots[s * blocks : (s + 1) * blocks]
@@ -161,10 +164,10 @@ class PrunerNetwork(nn.Module):
     Args:
         slots: the SuperNet's gate slots; their order is the order of the output logits.
         config: network and temperature hyper-parameters.
-        grid: ``(S, B)`` for ``reuse`` gates laid out step-major (``N == S * B``); the queries
-            are then ``step_embedding[s] + block_embedding[b] + slot_residual[s*B + b]``, so that
-            what is learnt for one step transfers to its neighbours. ``None``: one free query
-            per slot.
+        grid: ``(S, B)`` for ``reuse`` gates laid out step-major (the first ``S * B`` slots); the
+            queries are then ``step_embedding[s] + block_embedding[b] + slot_residual[s*B + b]``, so
+            that what is learnt for one step transfers to its neighbours. Slots after the grid (a
+            joint search's other kinds) get free queries. ``None``: one free query per slot.
     """
 
     def __init__(
@@ -207,6 +210,8 @@ class PrunerNetwork(nn.Module):
             self.queries = nn.Parameter(torch.randn(n, d))  # (N, D)
             return
         steps, blocks = grid
+        # joint searches: the slots after the grid (another gate kind) get free queries
+        self.extra_queries = nn.Parameter(torch.randn(n - steps * blocks, d)) if n > steps * blocks else None
         # Each half of unit variance, so step + block has unit scale like free queries.
         self.step_embedding = nn.Parameter(torch.randn(steps, d) * 0.5**0.5)  # (S, D)
         self.block_embedding = nn.Parameter(torch.randn(blocks, d) * 0.5**0.5)  # (B, D)
@@ -258,7 +263,10 @@ class PrunerNetwork(nn.Module):
             grid_q = rearrange(self.step_embedding, "s d -> s 1 d") + rearrange(
                 self.block_embedding, "b d -> 1 b d"
             )  # (S, B, D)
-            q = rearrange(grid_q, "s b d -> (s b) d") + self.slot_residual  # (N, D)
+            q = rearrange(grid_q, "s b d -> (s b) d")  # (S*B, D)
+            if self.extra_queries is not None:
+                q = torch.cat([q, self.extra_queries], dim=0)  # (N, D)
+            q = q + self.slot_residual  # (N, D)
         return q + self.slot_kind_embedding(self.kind_index) + self.cost_embedding(self.cost_feature)
 
     def _budget_vector(self, budget: Tensor | float | None, like: Tensor) -> Tensor:

@@ -173,8 +173,13 @@ class ReuseTask:
         return subnet.save(out)
 
 
-def refine(plan: Plan, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
-    """The extracted plan refined on calibration data (see :mod:`dipgo.postprocess.reuse_refine`)."""
+def refine(plan: Plan, probs: torch.Tensor, supernet: Any, cfg: DictConfig,
+           sample_fn: Any = None) -> Plan:
+    """The extracted plan refined on calibration data (see :mod:`dipgo.postprocess.reuse_refine`).
+
+    ``sample_fn(batch, grid)``: how a hard plan is sampled (default ``supernet.sample``); a joint
+    search passes one that runs the plan on its sparse weights, while the reference stays dense.
+    """
     from dipgo.postprocess.reuse_baselines import PLAN_BASELINES, baseline_plans
     from dipgo.postprocess.reuse_refine import RefineConfig, refine_grid, whole_steps_grid
 
@@ -190,7 +195,8 @@ def refine(plan: Plan, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> P
     def score(grid: list[list[bool]]) -> float:
         """Mean per-item log MSE (= minus the mean PSNR, up to constants): the report's metric,
         and less dominated by one hard item than the pooled MSE."""
-        err = ((supernet.sample(batch, grid) - reference) ** 2).flatten(1).mean(1)  # (B,)
+        out = supernet.sample(batch, grid) if sample_fn is None else sample_fn(batch, grid)
+        err = ((out - reference) ** 2).flatten(1).mean(1)  # (B,)
         return float(torch.log10(err.clamp_min(1e-20)).mean())
 
     target = plan.target

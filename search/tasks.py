@@ -79,4 +79,4 @@ def available_tasks() -> list[str]:
 
 def _load_builtin_tasks() -> None:
     # Imported lazily: each task pulls in its model libraries (diffusers, timm, transformers).
-    from dipgo.search import block_task, mask_task, reuse_task  # noqa: F401
+    from dipgo.search import block_task, joint_task, mask_task, reuse_task  # noqa: F401

@@ -15,6 +15,7 @@ removal, like diffusers' hook registry, so the model stays a plain diffusers mod
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -338,6 +339,7 @@ class ReuseSuperNet:
         self.null_class = config.null_class if config.null_class is not None else null_class_for(model)
         self._unit_macs = torch.tensor(list(unit_macs), dtype=torch.float64)  # (B,)
         self._call_macs = float(call_macs)
+        self._dense_call_macs = float(call_macs)  # the denominator of every ratio, even in a view
         restore = freeze(model)
         self._hooks = ReuseHooks(model, self.units)
         self._hooks.on_remove(restore)
@@ -395,7 +397,17 @@ class ReuseSuperNet:
 
     def full_cost(self) -> float:
         """MACs of the whole trajectory for one sample (both CFG halves when guidance is on)."""
-        return self.num_steps * self._call_macs
+        return self.num_steps * self._dense_call_macs
+
+    def with_macs(self, unit_macs: Sequence[float], call_macs: float) -> ReuseSuperNet:
+        """A view sharing model, hooks and slots, whose units and calls cost ``unit_macs`` /
+        ``call_macs`` (e.g. fewer after weight sparsity), with ratios still relative to the dense
+        trajectory. Plan extraction and refinement run unchanged on the view, so a joint search
+        spends the budget that the sparsity left for reuse."""
+        view = copy.copy(self)
+        view._unit_macs = torch.tensor(list(unit_macs), dtype=torch.float64)
+        view._call_macs = float(call_macs)
+        return view
 
     def expected_cost(self, gates: torch.Tensor) -> torch.Tensor:
         """Differentiable kept-cost ratio in [0, 1] of ``(N,)`` keep probabilities, cascade included."""

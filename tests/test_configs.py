@@ -45,7 +45,7 @@ def test_override_is_typed() -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["recipe=nope"], "unknown recipe 'nope'; available recipe options: digits_dit_reuse"),
+        (["recipe=nope"], "unknown recipe 'nope'; available recipe options: digits_dit_joint, digits_dit_reuse"),
         (["model=nope"], "unknown model 'nope'"),
         (["search.tgt=0.3"], "unknown config key 'search.tgt'; keys accepted under search: target"),
         (["search.target=abc"], "search.target='abc' is invalid"),

@@ -1,0 +1,584 @@
+"""The ``joint`` kind on classifiers and encoders: depth (block) + sparsity (mask), one MACs budget.
+
+Build: the model gets block gates (:func:`dipgo.supernets.block.apply_block_gates`) and, for the
+Linear / Conv layers that :data:`dipgo.supernets.mask.DEFAULT_EXCLUDE` and ``supernet.mask_exclude``
+leave, mask gates with Wanda saliency from ``supernet.mask_calib_items`` calibration items;
+:class:`dipgo.supernets.joint_block.BlockMaskSuperNet` carries both, with per-layer and per-block
+MACs counted on an unhooked copy. Data: the block kind's pools (digits training images,
+tokenised training sentences). Plan: the split of the budget between the kinds is measured on
+calibration data (:func:`split_search`): candidate density allocations (the learned one floored at
+``supernet.mask_min_density``, uniform ones from ``supernet.split_densities``, and one uniform
+density with every block kept) each get the blocks the block kind's exact-budget code chooses (and
+refines) on the costs their sparsity leaves, are pruned with OBS reconstruction and scored with the
+search's distortion; the best is pruned for good (OBS + distillation) on that copy. Evaluate: the SubNet (pruned weights, closed blocks removed) against the full
+model on held-out data with the block kind's metrics.
+
+``supernet.kinds``: ``[block, mask]`` (joint), ``[block]`` or ``[mask]`` on the same code path.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.search.data import CalibrationDataModule, collate
+
+
+def routes_here(cfg: DictConfig) -> bool:
+    """Whether a ``supernet=joint`` config is the block + mask variant: ``block`` is searched, or
+    ``mask`` alone on classifier / encoder data (``data.kind`` images or text)."""
+    kinds = list(cfg.supernet.kinds)
+    return "block" in kinds or ("reuse" not in kinds and cfg.data.kind in ("images", "text"))
+
+
+def _calibration_batches(pool: Any, n_items: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    n = min(len(pool), int(n_items))
+    return [{k: v for k, v in collate([pool[i] for i in range(a, min(a + batch_size, n))]).items() if k != "index"}
+            for a in range(0, n, batch_size)]
+
+
+def _floor(value: float, digits: int = 6) -> float:
+    """Round down (a rounded density must never cost more than the fitted one)."""
+    return math.floor(value * 10**digits) / 10**digits
+
+
+def build_block_joint(loaded: Any, cfg: DictConfig) -> Any:
+    """Block gates + mask gates on ``loaded.model`` (classifier or encoder) as one SuperNet."""
+    from dipgo.search.block_task import _check_data, _example, calibration_pool, output_fn_for
+    from dipgo.search.joint_task import _mask_config
+    from dipgo.supernets.adapters import UnsupportedModelError
+    from dipgo.supernets.block import apply_block_gates
+    from dipgo.supernets.joint_block import BlockMaskSuperNet, check_block_kinds, count_module_macs
+    from dipgo.supernets.mask import (
+        MaskSuperNet,
+        check_layers,
+        find_prunable,
+        input_norms,
+        parse_pattern,
+        saliency_of,
+    )
+
+    kinds = check_block_kinds(cfg.supernet.kinds)
+    try:
+        _check_data(loaded, cfg)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(str(exc).replace("kind=block", "kind=joint").replace("block search", "joint search")) from None
+    pool = calibration_pool(loaded, cfg)
+    fn = output_fn_for(loaded.kind)
+    dense = copy.deepcopy(loaded.model).eval().requires_grad_(False)  # unhooked: MACs, norms, OBS run on it
+    example = _example(pool)
+    block = apply_block_gates(loaded.model, example, output_fn=fn)
+    batches = _calibration_batches(pool, cfg.supernet.mask_calib_items, cfg.data.batch_size)
+    mask, layers = None, []
+    try:
+        if "mask" in kinds:
+            mcfg = _mask_config(cfg)
+            pattern = parse_pattern(mcfg.pattern)
+            layers = find_prunable(dense, tuple(mcfg.exclude))
+            if not layers:
+                raise ValueError(f"{type(dense).__name__} has no Linear or Conv2d layer left to prune after "
+                                 "supernet.mask_exclude")
+            refused = check_layers(dense, layers, pattern, mcfg.strict_pattern)
+            norms = input_norms(dense, layers, batches, fn)
+            layers = [p for p in layers if p in norms]  # only layers the forward reaches
+        full, per = count_module_macs(dense, example, fn, [*block.blocks, *layers])
+        block.set_costs([per[b] for b in block.blocks], full)  # same counter, same example as the layers
+        if "mask" in kinds:
+            saliency = {p: saliency_of(dense.get_submodule(p), mcfg.saliency, norms.get(p)) for p in layers}
+            mask = MaskSuperNet(loaded.model, layers, [per[p] for p in layers], saliency, pattern, mcfg, fn,
+                                {p: m for p, m in refused.items() if p in layers}, norms)
+            for msg in mask.refused.values():
+                print(f"dipgo: {msg}")
+    except BaseException:
+        block.remove()
+        raise
+    sn = BlockMaskSuperNet(block, mask, [per[p] for p in layers], kinds)
+    sn.dense_model, sn.calibration_pool, sn.calibration_batches = dense, pool, batches
+    sn.data_kind = loaded.kind
+    floor = reachable_floor(sn)
+    if float(cfg.search.target) < floor - 1e-9:
+        sn.remove()
+        raise PlanError(f"target {float(cfg.search.target):g} is unreachable with supernet.kinds={list(kinds)}: "
+                        f"the cheapest plan keeps {floor:.3f} of the MACs (every removable block removed, every "
+                        f"masked layer at the minimum density); the smallest reachable target is {floor:.3f}")
+    return sn
+
+
+def reachable_floor(sn: Any) -> float:
+    """Kept-MACs ratio of the cheapest plan the searched kinds can make."""
+    keep = [("block" not in sn.kinds)] * len(sn.blocks)
+    dens = []
+    if sn.mask is not None:
+        lo = torch.full((len(sn.layers),), sn.mask.config.min_density, dtype=torch.float64)
+        dens = sn.mask.effective(lo).tolist()
+    return sn.plan_cost(keep, dens)
+
+
+def fit_densities(sn: Any, densities: torch.Tensor, keep: list[bool], target: float) -> torch.Tensor | None:
+    """The learned densities shifted by one constant (clamped, fixed layers untouched) so that the
+    plan with blocks ``keep`` costs at most ``target``, as close to it as bisection gets; ``None``
+    when even the minimum density does not reach it."""
+    free = sn.mask._fixed.to(densities) < 0
+    lo_d = sn.mask.config.min_density
+
+    def shifted(c: float) -> torch.Tensor:
+        return torch.where(free, (densities + c).clamp(lo_d, 1.0), densities)
+
+    lo, hi = -1.0, 1.0
+    if sn.plan_cost(keep, shifted(lo).tolist()) > target:
+        return None
+    if sn.plan_cost(keep, shifted(hi).tolist()) <= target:
+        return shifted(hi)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if sn.plan_cost(keep, shifted(mid).tolist()) > target:
+            hi = mid
+        else:
+            lo = mid
+    return shifted(lo)
+
+
+def prune_mask_part(sn: Any, densities: list[float], cfg: DictConfig, distill: bool = True) -> dict[str, Any]:
+    """OBS-reconstructed (and, with ``distill``, distilled) weights of the mask part, on a copy of
+    the unhooked model; the copy is kept on the SuperNet (``pruned_model``) and its masked layers'
+    weights in ``pruned_state`` (swapped into the hooked model to score hard plans)."""
+    from dipgo.postprocess.mask_subnet import prune_with_plan
+
+    plan = Plan(kind="mask", model=type(sn.model).__name__, blocks=list(sn.layers),
+                compute=[[d >= 1.0 for d in densities]], target=1.0, cost_ratio=1.0,
+                meta={"pattern": sn.mask.pattern.name, "density": list(densities)})
+    pruned, masks = prune_with_plan(sn.dense_model, plan, sn.mask.saliency, sn.calibration_batches, sn.output_fn,
+                                    reconstruct=bool(cfg.supernet.reconstruct),
+                                    distill_steps=int(cfg.supernet.distill_steps) if distill else 0,
+                                    distill_lr=float(cfg.supernet.distill_lr))
+    sn.pruned_model = pruned
+    sn.pruned_state = {f"{p}.{name}": t.detach().clone() for p in sn.layers
+                       for name, t in pruned.get_submodule(p).named_parameters(recurse=False)}
+    kept = {p: float(m.float().mean()) for p, m in masks.items()}
+    return {"realised_density": [round(kept.get(p, 1.0), 4) for p in sn.layers]}
+
+
+def refine_blocks(keep: list[bool], probs: list[float], costs: list[float], total: float, target: float,
+                  sn: Any, cfg: DictConfig, densities: list[float]) -> tuple[list[bool], dict[str, Any]]:
+    """The block part refined by measuring hard plans on calibration data: the block kind's swap
+    search, seeded with the learned plan and its static baselines, on the costs the sparsity left.
+    Layers compute with saliency masks at ``densities`` (the OBS prune comes once, at the end)."""
+    from dipgo.losses.distortion import DistortionConfig, distortion
+    from dipgo.postprocess.block_plan import (
+        BLOCK_BASELINES,
+        fill_budget,
+        refine_block_keep,
+        weight_norm_importance,
+    )
+    from dipgo.search.module import _dataclass_from
+
+    dist_cfg = _dataclass_from(DistortionConfig, cfg.search.distortion)
+    pool = sn.calibration_pool
+    batch = {k: v for k, v in collate([pool[i] for i in range(min(cfg.search.refine.batch, len(pool)))]).items()
+             if k != "index"}
+    reference = sn.reference(batch)
+
+    def score(k: list[bool]) -> float:
+        out = sn.hard(batch, k, pruned=False, densities=densities or None)
+        return float(distortion({"output": out}, reference, dist_cfg)["total"])
+
+    seeds = {"learned": keep}
+    importance = {"weight_norm": lambda: weight_norm_importance(sn.dense_model, sn.blocks),
+                  "drop_last": lambda: [float(-i) for i in range(len(sn.blocks))]}
+    for name in cfg.search.refine.seeds:
+        if name in BLOCK_BASELINES and name in importance:
+            seeds[name] = fill_budget(importance[name](), costs, total, target)
+    return refine_block_keep(seeds, probs, costs, total, target, score, max_evals=cfg.search.refine.max_evals)
+
+
+def choose_blocks(g_block: torch.Tensor, densities: list[float], sn: Any, cfg: DictConfig,
+                  meta: dict[str, Any]) -> list[bool]:
+    """Kept blocks within ``search.target`` at fixed densities: the block kind's exact-budget code on
+    the costs the sparsity left. With unit costs ``c_b(d)`` and ``T(d)`` the whole model at ``d``:
+    ``(T - removed) / full <= target``  <=>  ``(T - removed) / T <= target * full / T``."""
+    from dipgo.postprocess.block_plan import fill_budget
+
+    if "block" not in sn.kinds:
+        return [True] * len(sn.blocks)
+    costs, total = sn.unit_costs(densities)
+    block_target = float(cfg.search.target) * sn.full_cost() / total
+    keep = fill_budget(g_block.tolist(), costs, total, block_target)
+    if cfg.search.refine.enabled:
+        keep, meta["refine"] = refine_blocks(keep, g_block.tolist(), costs, total, block_target, sn, cfg, densities)
+    return keep
+
+
+def relearned(sn: Any, densities: torch.Tensor, learned_keep: list[bool], keep: list[bool]) -> torch.Tensor:
+    """Densities of layers in blocks the search expected to remove but the plan keeps: the search
+    had little reason to keep them dense (a closed gate hides their distortion, while their cost
+    gradient stays), so they get the MACs-weighted mean density of the layers it did expect to run."""
+    from dipgo.supernets.joint import layer_units
+
+    owner = layer_units(sn.layers, sn.blocks)
+    stale = torch.tensor([b >= 0 and keep[b] and not learned_keep[b] for b in owner])
+    trusted = torch.tensor([b < 0 or learned_keep[b] for b in owner]) & (sn.mask._fixed.to(densities) < 0)
+    if not stale.any() or not trusted.any():
+        return densities
+    macs = sn._layer_macs.to(densities)
+    mean = (densities * macs)[trusted].sum() / macs[trusted].sum()
+    free = sn.mask._fixed.to(densities) < 0
+    return torch.where(stale & free, mean, densities)
+
+
+def reopen_blocks(keep: list[bool], densities: torch.Tensor, learned_keep: list[bool], probs: list[float], sn: Any,
+                  cfg: DictConfig) -> tuple[list[bool], torch.Tensor, dict[str, Any]]:
+    """Trade depth for sparsity where it measures better: re-open a removed block (most probable
+    first) and pay for it with lower densities (one constant shift to the budget); keep the move
+    when the distortion on calibration data (saliency masks at the densities) drops. Blocks cost
+    a sixth of a small model each, so the block part alone is too coarse to spend a budget well."""
+    from dipgo.losses.distortion import DistortionConfig, distortion
+    from dipgo.search.module import _dataclass_from
+
+    target = float(cfg.search.target)
+    dist_cfg = _dataclass_from(DistortionConfig, cfg.search.distortion)
+    pool = sn.calibration_pool
+    batch = {k: v for k, v in collate([pool[i] for i in range(min(cfg.search.refine.batch, len(pool)))]).items()
+             if k != "index"}
+    reference = sn.reference(batch)
+
+    def score(k: list[bool], d: torch.Tensor) -> float:
+        return float(distortion({"output": sn.hard(batch, k, pruned=False, densities=d.tolist())}, reference,
+                                dist_cfg)["total"])
+
+    best, tried, accepted = score(keep, densities), 0, 0
+    improved = True
+    while improved and not all(keep):
+        improved = False
+        for i in sorted((i for i, k in enumerate(keep) if not k), key=lambda i: -probs[i]):
+            cand = list(keep)
+            cand[i] = True
+            dens = fit_densities(sn, relearned(sn, densities, learned_keep, cand), cand, target)
+            if dens is None:
+                continue
+            tried += 1
+            value = score(cand, dens)
+            if value < best:
+                keep, densities, best, improved = cand, dens, value, True
+                accepted += 1
+                break
+    return keep, densities, {"evaluations": tried + 1, "accepted_moves": accepted, "final_score": float(f"{best:.6g}")}
+
+
+def mask_candidates(sn: Any, learned: torch.Tensor, learned_keep: list[bool], cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """Density allocations whose split of the budget is measured (:func:`extract_block_joint_plan`).
+
+    Joint search: the pruner's densities (``learned``, floored at ``supernet.mask_min_density``;
+    shifted down to the budget when they overshoot it even with every removable block removed),
+    and for each ``rho`` in ``supernet.split_densities`` the uniform density ``rho`` (1.0 = the whole
+    budget to block removal, nothing pruned), left out when it cannot meet the budget even with
+    every removable block removed; and ``uniform``: every block kept, one density fitted to the
+    budget (the other end of the split; left out when even the minimum density overshoots). Mask alone: the learned and the uniform allocation, both shifted
+    by one constant to the budget. Layers whose density the pattern fixes keep it throughout.
+    """
+    target = float(cfg.search.target)
+    n_blocks = len(sn.blocks)
+    fixed = sn.mask._fixed.to(learned)
+    learned = torch.where(fixed >= 0, fixed, learned.clamp(min=float(cfg.supernet.mask_min_density), max=1.0))
+    ones = torch.where(fixed >= 0, fixed, torch.ones_like(learned))
+    out: dict[str, torch.Tensor] = {}
+    if "block" not in sn.kinds:
+        for name, dens in (("learned", learned), ("uniform", ones)):
+            fitted = fit_densities(sn, dens, [True] * n_blocks, target)
+            if fitted is not None:
+                out[name] = fitted
+    else:
+        none_kept = [False] * n_blocks
+        fitted = learned
+        if sn.plan_cost(none_kept, learned.tolist()) > target:
+            fitted = fit_densities(sn, learned, learned_keep, target)
+            fitted = fitted if fitted is not None else fit_densities(sn, learned, none_kept, target)
+        if fitted is not None:
+            out["learned"] = fitted
+        # the other end of the split: every block kept, the whole budget to a uniform density (the
+        # split densities pick blocks at a fixed density, and a block is a sixth of a small model, so
+        # none of them need land on "no block removed")
+        uniform = fit_densities(sn, ones, [True] * n_blocks, target)
+        if uniform is not None:
+            out["uniform"] = uniform
+        for rho in cfg.supernet.split_densities:
+            dens = torch.where(fixed >= 0, fixed, torch.full_like(learned, float(rho)))
+            if sn.plan_cost(none_kept, dens.tolist()) <= target + 1e-12:
+                out[f"uniform_{float(rho):g}"] = dens
+    if not out:
+        raise PlanError(f"target {target:g} is below what the searched kinds can reach ({reachable_floor(sn):.3f})")
+    return out
+
+
+def _scoring_batch(sn: Any, cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """``search.refine.batch`` calibration items to score candidates on: the ones after the
+    ``supernet.mask_calib_items`` that OBS reconstructs on, where the pool has them (a candidate's
+    OBS fit would otherwise be scored on its own fitting data, which block removal never is)."""
+    pool = sn.calibration_pool
+    n = min(int(cfg.search.refine.batch), len(pool))
+    start = max(0, min(int(cfg.supernet.mask_calib_items), len(pool) - n))
+    return {k: v for k, v in collate([pool[i] for i in range(start, start + n)]).items() if k != "index"}
+
+
+def _candidate_plan(name: str, dens: torch.Tensor, g_block: torch.Tensor, learned_keep: list[bool], sn: Any,
+                    cfg: DictConfig) -> tuple[list[bool], list[float], dict[str, Any]]:
+    """The block plan of one density allocation: blocks chosen (and refined) within the budget the
+    densities leave, the slack their coarse costs leave shifted back to the layers. The learned
+    allocation then also gets the re-open moves (depth traded for a lower shift of its densities);
+    a uniform one does not need them: re-opening a block there lands on a lower uniform density,
+    which the other candidates measure."""
+    target = float(cfg.search.target)
+    meta: dict[str, Any] = {}
+    keep = choose_blocks(g_block, dens.tolist(), sn, cfg, meta)
+    dens = relearned(sn, dens, learned_keep, keep)
+    filled = fit_densities(sn, dens, keep, target)  # the slack under the budget, back to the layers
+    final = filled if filled is not None else dens
+    if name == "learned" and "block" in sn.kinds and cfg.search.refine.enabled and not all(keep):
+        keep, final, meta["reopen"] = reopen_blocks(keep, final, learned_keep, g_block.tolist(), sn, cfg)
+    return keep, [_floor(float(d)) if d < 1.0 else 1.0 for d in final], meta
+
+
+def _set_pruned(sn: Any, densities: list[float], cfg: DictConfig, distill: bool) -> dict[str, Any]:
+    """Prune the mask part at ``densities`` (nothing to prune when all are 1.0)."""
+    if min(densities, default=1.0) >= 1.0:
+        sn.pruned_model, sn.pruned_state = None, None
+        return {"realised_density": [1.0] * len(sn.layers)}
+    return prune_mask_part(sn, densities, cfg, distill=distill)
+
+
+def split_search(g_block: torch.Tensor, learned: torch.Tensor, learned_keep: list[bool], sn: Any,
+                 cfg: DictConfig) -> tuple[str, list[bool], list[float], dict[str, Any], dict[str, Any]]:
+    """Measure the split of the budget between depth and sparsity.
+
+    Every candidate allocation (:func:`mask_candidates`) gets its block plan
+    (:func:`_candidate_plan`), is pruned with OBS reconstruction (no distillation: the ranking is
+    what matters, and it keeps a candidate to seconds), and is scored with the search's distortion
+    (KL for classifiers, cosine for encoders) on calibration items, on the pruned weights with its
+    closed blocks skipped. Returns ``(chosen, keep, densities, candidate meta, split_search meta)``;
+    ties keep the earlier candidate (the learned one first).
+    """
+    import time
+
+    from dipgo.losses.distortion import DistortionConfig, distortion
+    from dipgo.search.module import _dataclass_from
+
+    t0 = time.perf_counter()
+    dist_cfg = _dataclass_from(DistortionConfig, cfg.search.distortion)
+    batch = _scoring_batch(sn, cfg)
+    reference = sn.reference(batch)
+    macs = sn._layer_macs
+    scores: dict[str, float] = {}
+    plans: dict[str, dict[str, Any]] = {}
+    seen: list[tuple[list[bool], list[float], str]] = []
+    best: tuple[float, str, list[bool], list[float], dict[str, Any]] | None = None
+    for name, dens in mask_candidates(sn, learned, learned_keep, cfg).items():
+        keep, densities, meta = _candidate_plan(name, dens, g_block, learned_keep, sn, cfg)
+        same = next((n for k, d, n in seen if k == keep and max((abs(a - b) for a, b in zip(d, densities)),
+                                                                   default=0.0) < 1e-4), None)
+        if same is not None:
+            scores[name] = scores[same]  # the same plan as an earlier candidate: measured once
+        else:
+            _set_pruned(sn, densities, cfg, distill=False)
+            out = sn.hard(batch, keep, pruned=True)
+            scores[name] = float(f"{float(distortion({'output': out}, reference, dist_cfg)['total']):.6g}")
+            seen.append((keep, densities, name))
+        dens_t = torch.tensor(densities, dtype=torch.float64)
+        plans[name] = {"removed_blocks": [b for b, k in zip(sn.blocks, keep) if not k],
+                       "cost_ratio": round(sn.plan_cost(keep, densities), 6),
+                       "mask_density_macs": round(float((macs * dens_t).sum() / macs.sum()), 4)}
+        if same is not None:
+            plans[name]["same_as"] = same
+        if "reopen" in meta:
+            plans[name]["reopen"] = meta["reopen"]
+        if best is None or scores[name] < best[0]:
+            best = (scores[name], name, keep, densities, meta)
+    assert best is not None
+    _, chosen, keep, densities, meta = best
+    info = {"scores": scores, "chosen": chosen, "candidates": plans, "score_items": len(reference["output"]),
+            "seconds": round(time.perf_counter() - t0, 2)}
+    return chosen, keep, densities, meta, info
+
+
+def extract_block_joint_plan(probs: torch.Tensor, sn: Any, cfg: DictConfig) -> Plan:
+    """Learned probabilities -> kept blocks (refined) + densities (pruned) within ``search.target``.
+
+    Without a mask part: the blocks chosen (and refined) within the budget. With one, the split of
+    the budget between the kinds is measured, not only predicted (:func:`split_search`): the
+    learned allocation and uniform ones each get their block plan, are pruned (OBS) and scored on
+    calibration data, and the best is kept: the pruner's per-layer densities are noisy on small
+    models (single layers pushed far below the rest), which the measurement catches. The chosen
+    allocation is then pruned for good: OBS reconstruction + distillation.
+    """
+    from dipgo.supernets.block import block_signatures
+
+    target = float(cfg.search.target)
+    sn._set_densities(None)  # the search leaves its last densities installed
+    g_block, dens = sn.split(torch.as_tensor(probs, dtype=torch.float64))
+    n_blocks = len(sn.blocks)
+    meta: dict[str, Any] = {"kinds": list(sn.kinds), "model_source": cfg.model.name,
+                            "block_signatures": block_signatures(sn.model, sn.blocks)}
+    if "block" in sn.kinds:
+        meta["keep_probs"] = [round(float(p), 4) for p in g_block]
+    if sn.mask is None:
+        keep = choose_blocks(g_block, [], sn, cfg, meta)
+        densities: list[float] = []
+    else:
+        learned_keep = [bool(p >= 0.5) for p in g_block] if "block" in sn.kinds else [True] * n_blocks
+        chosen, keep, densities, chosen_meta, meta["split_search"] = split_search(g_block, dens, learned_keep, sn, cfg)
+        meta.update(chosen_meta)
+        meta["mask"] = {"pattern": sn.mask.pattern.name, "layers": list(sn.layers), "density": densities,
+                        "learned_density": [round(float(d), 4) for d in dens],
+                        "layer_macs": sn._layer_macs.tolist(), **_set_pruned(sn, densities, cfg, distill=True)}
+    meta["kept_blocks"] = [b for b, k in zip(sn.blocks, keep) if k]
+    meta["removed_blocks"] = [b for b, k in zip(sn.blocks, keep) if not k]
+    meta["cost_split"] = cost_split(sn, keep, densities)
+    return Plan(kind="joint", model=type(sn.model).__name__, blocks=list(sn.blocks), compute=[list(keep)],
+                target=target, cost_ratio=round(sn.plan_cost(keep, densities), 6), meta=meta)
+
+
+def cost_split(sn: Any, keep: list[bool], densities: list[float]) -> dict[str, float]:
+    """Where the saving comes from: kept ratio with the block decisions alone, the densities alone, both."""
+    return {"block_only": round(sn.plan_cost(keep, []), 4),
+            "mask_only": round(sn.plan_cost([True] * len(sn.blocks), densities), 4),
+            "both": round(sn.plan_cost(keep, densities), 4)}
+
+
+def subnet_of(sn: Any, plan: Plan) -> torch.nn.Module:
+    """The SubNet a user would run: the pruned weights (or the dense ones) with the closed blocks
+    physically removed (a closed gate is exactly the identity, so removal changes nothing else)."""
+    from dipgo.postprocess.block_subnet import make_block_plan, remove_blocks
+
+    base = getattr(sn, "pruned_model", None) if plan.meta.get("mask") else None
+    base = sn.dense_model if base is None else base
+    block_plan = make_block_plan(sn.block, plan.compute[0], plan.target)
+    return remove_blocks(base, block_plan).eval().requires_grad_(False)
+
+
+def evaluate_block_joint(loaded: Any, sn: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
+    """Held-out fidelity of the SubNet (pruned weights + removed blocks) against the full model."""
+    from dipgo.report.block_eval import _Call, eval_data, fidelity, fidelity_key, outputs
+    from dipgo.report.macs import model_macs
+    from dipgo.search.block_task import output_fn_for
+
+    kind = loaded.kind
+    data = eval_data(loaded, cfg)
+    labels = data.get("labels")
+    ref = outputs(sn.dense_model, kind, data)
+    subnet = subnet_of(sn, plan)
+    out = outputs(subnet, kind, data)
+    one = {k: v[:1] for k, v in data.items() if k != "labels"}
+    fn = output_fn_for(kind)
+    dense_macs_ratio = model_macs(_Call(subnet, fn), one) / model_macs(_Call(sn.dense_model, fn), one)
+    rows = [{"name": "dipgo", "cost_ratio": plan.cost_ratio, "removed": plan.meta.get("removed_blocks", []),
+             "dense_macs_ratio": round(dense_macs_ratio, 6), **fidelity(kind, out, ref, labels)},
+            {"name": "full", "cost_ratio": 1.0, "removed": [], "dense_macs_ratio": 1.0,
+             **fidelity(kind, ref, ref, labels)}]
+    mask_meta = plan.meta.get("mask") or {}
+    report = {"kind": "joint", "joint_variant": "block_mask", "kinds": list(sn.kinds), "model": type(sn.model).__name__,
+              "source": loaded.source, "target": plan.target, "cost_ratio": plan.cost_ratio,
+              "cost_split": plan.meta.get("cost_split"), "fidelity_metric": fidelity_key(kind),
+              "eval_items": len(ref), "removed_blocks": plan.meta.get("removed_blocks", []),
+              "mask_density_macs": _macs_density(mask_meta), "variants": rows,
+              "refine": {k: v for k, v in plan.meta.get("refine", {}).items() if k != "seed_scores"}}
+    plots = {"joint_plan": _plot(plan, sn, run_dir)} if cfg.report.plots else {}
+    return report, plots
+
+
+def _macs_density(mask_meta: dict[str, Any]) -> float | None:
+    """MACs-weighted density of the masked layers (``None`` without a mask part)."""
+    if not mask_meta:
+        return None
+    macs = torch.tensor(mask_meta["layer_macs"], dtype=torch.float64)
+    dens = torch.tensor(mask_meta["density"], dtype=torch.float64)
+    return round(float((macs * dens).sum() / macs.sum()), 4)
+
+
+def _plot(plan: Plan, sn: Any, run_dir: Path) -> Path:
+    """Per-layer density bars, grey where the layer's block is removed, blocks marked below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dipgo.supernets.joint import layer_units
+
+    keep = plan.compute[0]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    mask = plan.meta.get("mask")
+    if mask:
+        owner = layer_units(mask["layers"], plan.blocks)
+        colors = ["lightgrey" if b >= 0 and not keep[b] else "tab:blue" for b in owner]
+        ax.bar(range(len(mask["density"])), mask["density"], color=colors)
+        ax.set_xticks(range(len(mask["layers"])), mask["layers"], rotation=90, fontsize=5)
+        ax.set(ylabel="kept density", ylim=(0, 1.05))
+    else:
+        ax.bar(range(len(plan.blocks)), [1.0 if k else 0.0 for k in keep], color="tab:green")
+        ax.set_xticks(range(len(plan.blocks)), plan.blocks, rotation=90, fontsize=6)
+        ax.set(ylabel="kept (1) / removed (0)", ylim=(0, 1.05))
+    split = plan.meta.get("cost_split", {})
+    ax.set_title(f"joint plan {'+'.join(plan.meta.get('kinds', []))}: kept MACs {plan.cost_ratio:.3f} "
+                 f"(blocks alone {split.get('block_only', 1):.3f}, sparsity alone {split.get('mask_only', 1):.3f}); "
+                 f"removed {len(plan.meta.get('removed_blocks', []))} of {len(plan.blocks)} blocks (grey)", fontsize=8)
+    fig.tight_layout()
+    path = run_dir / "joint_plan.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+class BlockJointTask:
+    """Block + mask gates of a classifier / encoder under one MACs budget (``supernet.kind=joint``)."""
+
+    kind = "joint"
+
+    def build(self, loaded: Any, cfg: DictConfig) -> Any:
+        return build_block_joint(loaded, cfg)
+
+    def datamodule(self, loaded: Any, supernet: Any, cfg: DictConfig) -> Any:
+        return CalibrationDataModule(supernet.calibration_pool, cfg.data.batch_size, cfg.data.steps_per_epoch,
+                                     cfg.seed, cfg.data.num_workers)
+
+    def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
+        return extract_block_joint_plan(probs, supernet, cfg)
+
+    def evaluate(self, loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
+        return evaluate_block_joint(loaded, supernet, plan, cfg, run_dir)
+
+    def summary_lines(self, report: dict[str, Any]) -> list[str]:
+        key = report["fidelity_metric"]
+        row = next(v for v in report["variants"] if v["name"] == "dipgo")
+        full = next((v for v in report["variants"] if v["name"] == "full"), {})
+        split = report.get("cost_split") or {}
+        lines = [f"joint search ({' + '.join(report['kinds'])}) on {report['model']}: kept MACs "
+                 f"{report['cost_ratio']:.3f} (target {report['target']:.3f}); the removed blocks alone would keep "
+                 f"{split.get('block_only', 1):.3f}, the sparsity alone {split.get('mask_only', 1):.3f}",
+                 f"removed blocks: {', '.join(report['removed_blocks']) or '(none)'}"]
+        if key == "accuracy":
+            lines.append(f"held-out ({report['eval_items']} items): accuracy {row['accuracy']:.4f} (full model "
+                         f"{full.get('accuracy', float('nan')):.4f}), agreement {row['agreement']:.4f}, KL {row['kl']:.4f}")
+        else:
+            lines.append(f"held-out ({report['eval_items']} sentences): cosine to the full model {row['cosine']:.4f} "
+                         f"(min {row['cosine_min']:.4f})")
+        if report.get("mask_density_macs") is not None:
+            lines.append(f"masked layers keep {report['mask_density_macs']:.3f} of their MACs")
+        return lines
+
+    def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict:
+        from dipgo.search.compose import ConfigError
+
+        raise ConfigError("dipgo bench does not run joint plans yet: their report gives the kept MACs and "
+                          "fidelity; unstructured sparsity needs sparse kernels to turn MACs into time")
+
+    def bench_lines(self, result: dict[str, Any]) -> list[str]:
+        return []
+
+    def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
+        from dipgo.search.compose import ConfigError
+
+        raise ConfigError("dipgo export does not write joint plans yet; plan.json holds the removed blocks and "
+                          "the per-layer densities")

@@ -1,0 +1,398 @@
+"""The ``joint`` gate kind as a search task: reuse + mask on a diffusion denoiser, one MACs budget.
+
+Build: the denoiser gets reuse gates (:func:`dipgo.supernets.reuse.apply_reuse`) and, for the
+layers that ``supernet.mask_exclude`` leaves (by default the attention and MLP Linears of the
+blocks, not the tiny per-sample conditioning layers), mask gates whose Wanda norms and MACs come
+from full trajectories; :class:`dipgo.supernets.joint.JointSuperNet` carries both. Plan: the
+learned densities (fitted to the budget when only ``mask`` is searched), the layers pruned with
+OBS reconstruction on calibration trajectories, then the reuse grid extracted and refined on the
+budget the sparsity left, scored on the pruned weights. Evaluate: held-out noise sampled by the
+full model and by the SubNet (sparse weights + reuse plan): PSNR, SSIM, FD.
+
+``supernet.kinds`` picks what is searched: ``[reuse, mask]`` (joint), ``[reuse]`` or ``[mask]``:
+the same code path alone, so a benchmark can compare the three at one budget.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.search.data import CalibrationDataModule, collate
+from dipgo.search.tasks import register_task
+
+
+def plain_sampler(model: torch.nn.Module, reuse: Any) -> Any:
+    """``output_fn(model, batch)``: the full trajectory of a plain (unhooked) copy of the denoiser."""
+    from dipgo.supernets.sampling import make_model_fn, make_scheduler, sample
+
+    cfg = reuse.config
+
+    def output_fn(m: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        scheduler = make_scheduler(cfg.scheduler, cfg.scheduler_config, cfg.num_train_timesteps)
+        final, _ = sample(make_model_fn(m), scheduler, batch, cfg.num_steps, cfg.guidance_scale,
+                          null_class=reuse.null_class)
+        return final
+
+    return output_fn
+
+
+def _mask_config(cfg: DictConfig) -> Any:
+    from dipgo.supernets.mask import DEFAULT_EXCLUDE, MaskGateConfig
+
+    s = cfg.supernet
+    return MaskGateConfig(pattern=str(s.pattern), saliency=s.saliency, cost_weighting="macs",
+                          strict_pattern=bool(s.strict_pattern), temperature=float(s.mask_temperature),
+                          exclude=(*DEFAULT_EXCLUDE, *[str(p) for p in s.mask_exclude]))
+
+
+def build_joint(loaded: Any, cfg: DictConfig) -> Any:
+    """Reuse gates + mask gates on ``loaded.model`` (a diffusion denoiser) as one SuperNet."""
+    from dipgo.report.macs import block_macs
+    from dipgo.search.reuse_task import ReuseTask, calibration_pool
+    from dipgo.supernets.joint import JointSuperNet, check_kinds
+    from dipgo.supernets.mask import (
+        MaskSuperNet,
+        check_layers,
+        find_prunable,
+        input_norms,
+        parse_pattern,
+        saliency_of,
+    )
+    from dipgo.supernets.reuse import _example_call
+
+    kinds = check_kinds(cfg.supernet.kinds)
+    dense = copy.deepcopy(loaded.model).eval()  # unhooked copy: norms, MACs and OBS run on it
+    reuse = ReuseTask().build(loaded, cfg)
+    pool = calibration_pool(loaded, cfg)
+    n_calib = min(len(pool), int(cfg.supernet.mask_calib_items))
+    batches = [{k: v for k, v in collate([pool[i] for i in range(a, min(a + cfg.data.batch_size, n_calib))]).items()
+                if k != "index"} for a in range(0, n_calib, cfg.data.batch_size)]
+    output_fn = plain_sampler(dense, reuse)
+    mask = None
+    layer_macs: list[float] = []
+    if "mask" in kinds:
+        mcfg = _mask_config(cfg)
+        pattern = parse_pattern(mcfg.pattern)
+        layers = find_prunable(dense, tuple(mcfg.exclude))
+        if not layers:
+            raise ValueError(f"{type(dense).__name__} has no Linear or Conv2d layer left to prune after supernet.mask_exclude")
+        refused = check_layers(dense, layers, pattern, mcfg.strict_pattern)
+        norms = input_norms(dense, layers, batches, output_fn)
+        layers = [p for p in layers if p in norms]
+        example = collate([pool[0]])
+        example.pop("index")
+        x, kwargs = _example_call(example, reuse.config, reuse.null_class)
+        _, per_layer = block_macs(dense, layers, x, **kwargs)
+        layer_macs = [per_layer[p] for p in layers]
+        saliency = {p: saliency_of(dense.get_submodule(p), mcfg.saliency, norms.get(p)) for p in layers}
+        mask = MaskSuperNet(loaded.model, layers, layer_macs, saliency, pattern, mcfg, output_fn,
+                            {p: m for p, m in refused.items() if p in layers}, norms)
+        for msg in mask.refused.values():
+            print(f"dipgo: {msg}")
+    joint = JointSuperNet(reuse, mask, layer_macs, kinds, allocation=str(cfg.supernet.mask_allocation))
+    joint.dense_model, joint.calibration_batches, joint.output_fn = dense, batches, output_fn
+    return joint
+
+
+def fit_densities(joint: Any, densities: torch.Tensor, target: float) -> torch.Tensor:
+    """Shift the learned densities by one constant (clamped) so that the trajectory with every
+    step computed costs ``target``: the mask-only plan, and the floor a joint plan needs."""
+    full_grid = [[True] * len(joint.reuse.block_names)] * joint.reuse.num_steps
+    free = joint.mask._fixed.to(densities) < 0
+    lo_d = joint.mask.config.min_density
+
+    def shifted(c: float) -> torch.Tensor:
+        return torch.where(free, (densities + c).clamp(lo_d, 1.0), densities)
+
+    lo, hi = -1.0, 1.0
+    if joint.plan_cost(full_grid, shifted(lo).tolist()) > target:
+        raise PlanError(f"target {target:.3f} is below what weight sparsity alone can reach "
+                        f"({joint.plan_cost(full_grid, shifted(lo).tolist()):.3f} at the minimum density {lo_d})")
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if joint.plan_cost(full_grid, shifted(mid).tolist()) > target:
+            hi = mid
+        else:
+            lo = mid
+    return shifted(lo)
+
+
+def prune_mask_part(joint: Any, densities: list[float], cfg: DictConfig) -> dict[str, Any]:
+    """OBS-reconstructed weights of the mask part (on the dense copy); stored on the SuperNet."""
+    from dipgo.postprocess.mask_subnet import prune_with_plan
+
+    plan = Plan(kind="mask", model=type(joint.model).__name__, blocks=list(joint.layers),
+                compute=[[d >= 1.0 for d in densities]], target=1.0, cost_ratio=1.0,
+                meta={"pattern": joint.mask.pattern.name, "density": list(densities)})
+    pruned, masks = prune_with_plan(joint.dense_model, plan, joint.mask.saliency, joint.calibration_batches,
+                                    joint.output_fn, reconstruct=bool(cfg.supernet.reconstruct), distill_steps=0)
+    joint.pruned_state = {f"{p}.weight": pruned.get_submodule(p).weight.detach().clone() for p in joint.layers}
+    kept = {p: float(m.float().mean()) for p, m in masks.items()}
+    return {"realised_density": [round(kept.get(p, 1.0), 4) for p in joint.layers]}
+
+
+def mask_candidates(joint: Any, learned: torch.Tensor, cfg: DictConfig) -> dict[str, list[float]]:
+    """Density allocations to measure: the pruner's (``learned``) and uniform ones.
+
+    Joint search: uniform densities ``supernet.split_densities`` (1.0 = spend the whole budget on
+    reuse) beside the learned allocation; mask alone: the learned and the uniform allocation,
+    both fitted to the target. Allocations that cannot meet the budget are left out.
+    """
+    target = float(cfg.search.target)
+    steps, blocks = joint.reuse.num_steps, len(joint.reuse.block_names)
+    floor_grid = [[True] * blocks] + [[False] * blocks] * (steps - 1)
+    fixed = joint.mask._fixed.to(learned)
+    learned = learned.clamp(min=float(cfg.supernet.mask_min_density))
+    uniform = torch.ones_like(learned)
+    if "reuse" not in joint.kinds:
+        raw = {"learned": learned, "uniform": uniform}
+        return {k: _rounded(fit_densities(joint, torch.where(fixed >= 0, fixed, v), target)) for k, v in raw.items()}
+    out = {}
+    if joint.plan_cost(floor_grid, learned.tolist()) > target:
+        learned = fit_densities(joint, learned, target)  # overshoots even with maximal reuse
+    out["learned"] = _rounded(learned)
+    for rho in cfg.supernet.split_densities:
+        dens = torch.where(fixed >= 0, fixed, torch.full_like(learned, float(rho)))
+        if joint.plan_cost(floor_grid, dens.tolist()) <= target:
+            out[f"uniform_{float(rho):g}"] = _rounded(dens)
+    return out
+
+
+def _rounded(dens: torch.Tensor) -> list[float]:
+    return [round(float(d), 6) for d in dens]
+
+
+def calibration_scorer(joint: Any, cfg: DictConfig) -> Any:
+    """``score(grid) -> float``: mean per-item log10 MSE of a hard plan on the first
+    ``search.refine.batch`` calibration items, on the current pruned weights (the refinement's score)."""
+    from dipgo.search.reuse_task import calibration_pool
+
+    pool = calibration_pool(joint.model, cfg)
+    batch = collate([pool[i] for i in range(min(int(cfg.search.refine.batch), len(pool)))])
+    batch.pop("index")
+    reference = joint.reference(batch)["output"]
+
+    def score(grid: Any) -> float:
+        out = joint.sample(batch, grid, pruned=joint.pruned_state is not None)
+        err = ((out - reference) ** 2).flatten(1).mean(1)  # (B,)
+        return float(torch.log10(err.clamp_min(1e-20)).mean())
+
+    return score
+
+
+def _reuse_grid(joint: Any, g_reuse: torch.Tensor, densities: list[float], cfg: DictConfig, evals: int | None) -> Plan:
+    """The reuse plan on the budget the densities leave: extracted, then refined with ``evals``
+    local-search steps (0: the best seed only) on the current pruned weights."""
+    from dipgo.postprocess.reuse_plan import extract_reuse_plan
+    from dipgo.search.reuse_task import refine
+
+    view = joint.view(densities)
+    plan = extract_reuse_plan(g_reuse, view, float(cfg.search.target), meta={})
+    if not cfg.search.refine.enabled:
+        return plan
+    local = copy.deepcopy(cfg)
+    if evals is not None:
+        local.search.refine.max_evals = evals
+
+    def sample_fn(batch: dict[str, Any], grid: Any) -> torch.Tensor:
+        return joint.sample(batch, grid, pruned=joint.pruned_state is not None)
+
+    return refine(plan, g_reuse, view, local, sample_fn=sample_fn)
+
+
+def extract_joint_plan(probs: torch.Tensor, joint: Any, cfg: DictConfig) -> Plan:
+    """Learned probabilities -> densities (pruned) + reuse grid (refined) within ``search.target``.
+
+    The split of the budget between the kinds is measured, not only predicted: every candidate
+    allocation (:func:`mask_candidates`) is pruned (OBS), gets its best reuse plan for the budget
+    it leaves, and is scored on calibration trajectories; the best one is refined. The pruner's
+    densities are one candidate; on small models its per-layer densities are noisy (single
+    layers pushed to the floor), which the measurement catches.
+    """
+    target = float(cfg.search.target)
+    joint._set_densities(None)  # the search leaves its last densities installed
+    g_reuse, learned = joint.split(torch.as_tensor(probs, dtype=torch.float64))
+    meta: dict[str, Any] = {"kinds": list(joint.kinds), "model_source": cfg.model.name,
+                            "scheduler": cfg.supernet.scheduler, "guidance_scale": cfg.supernet.guidance_scale}
+    steps, blocks = joint.reuse.num_steps, len(joint.reuse.block_names)
+    all_on = [[True] * blocks for _ in range(steps)]
+    has_reuse = "reuse" in joint.kinds
+    densities: list[float] = []
+    if joint.mask is not None:
+        score = calibration_scorer(joint, cfg)
+        scores: dict[str, float] = {}
+        best: tuple[float, str, list[float], Any, dict] | None = None
+        for name, dens in mask_candidates(joint, learned, cfg).items():
+            pruned = prune_mask_part(joint, dens, cfg) if min(dens) < 1.0 else {"realised_density": [1.0] * len(dens)}
+            if min(dens) >= 1.0:
+                joint.pruned_state = None
+            grid = _reuse_grid(joint, g_reuse, dens, cfg, evals=0).compute if has_reuse else all_on
+            scores[name] = round(score(grid), 5)
+            if best is None or scores[name] < best[0]:
+                best = (scores[name], name, dens, joint.pruned_state, pruned)
+        _, chosen, densities, joint.pruned_state, pruned_info = best
+        meta["mask"] = {"pattern": joint.mask.pattern.name, "layers": list(joint.layers), "density": densities,
+                        "learned_density": _rounded(learned), "layer_macs": joint._layer_macs.tolist(),
+                        **pruned_info}
+        meta["split_search"] = {"scores": scores, "chosen": chosen}
+    if has_reuse:
+        plan = _reuse_grid(joint, g_reuse, densities, cfg, evals=None)
+        grid = plan.compute
+        meta.update({k: v for k, v in plan.meta.items() if k not in meta})
+    else:
+        grid = all_on
+    meta["cost_split"] = cost_split(joint, grid, densities)
+    return Plan(kind="joint", model=type(joint.model).__name__, blocks=joint.reuse.block_names, compute=grid,
+                target=target, cost_ratio=joint.plan_cost(grid, densities), num_steps=steps, meta=meta)
+
+
+def cost_split(joint: Any, grid: Any, densities: list[float]) -> dict[str, float]:
+    """Where the saving comes from: kept ratio with the grid alone, the densities alone, and both."""
+    all_on = [[True] * len(joint.reuse.block_names)] * joint.reuse.num_steps
+    dense = [1.0] * len(joint.layers)
+    return {"reuse_only": round(joint.plan_cost(grid, dense), 4),
+            "mask_only": round(joint.plan_cost(all_on, densities or dense), 4),
+            "both": round(joint.plan_cost(grid, densities or dense), 4)}
+
+
+def evaluate_joint(loaded: Any, joint: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
+    """Held-out fidelity of the SubNet (sparse weights + reuse plan) against the full model."""
+    from dipgo.report.fidelity import image_fidelity
+    from dipgo.report.reuse_eval import _digits_judge, eval_items
+
+    items = eval_items(loaded, cfg, cfg.report.num_samples, cfg.report.eval_seed)
+    labels = items.get("class_labels")
+    chunk = max(1, int(cfg.data.batch_size) * 4)
+    n = items["noise"].shape[0]
+    parts = [{k: v[a:a + chunk] for k, v in items.items() if isinstance(v, torch.Tensor)} for a in range(0, n, chunk)]
+    ref = torch.cat([joint.reference(b)["output"] for b in parts])
+    sub = torch.cat([joint.sample(b, plan.compute, pruned=joint.pruned_state is not None) for b in parts])
+    judge = _digits_judge(loaded)
+    kw = {"classifier": judge[0], "real_features": judge[1], "labels": labels} if judge is not None else {}
+    fid = image_fidelity(sub, ref, **kw)
+    row = {"name": "dipgo", "cost_ratio": plan.cost_ratio, **{k: float(v) for k, v in fid.items()}}
+    mask_meta = plan.meta.get("mask", {})
+    report = {"kind": "joint", "kinds": list(joint.kinds), "target": plan.target, "cost_ratio": plan.cost_ratio,
+              "cost_split": plan.meta.get("cost_split"), "fidelity_metric": "psnr", "num_samples": n,
+              "mask_density_macs": _macs_density(mask_meta), "variants": [row],
+              "refine": {k: v for k, v in plan.meta.get("refine", {}).items() if k != "seed_scores"}}
+    plots = {"joint_plan": _plot(plan, run_dir)}
+    return report, plots
+
+
+def _macs_density(mask_meta: dict[str, Any]) -> float | None:
+    """MACs-weighted density of the masked layers (``None`` without a mask part)."""
+    if not mask_meta:
+        return None
+    macs = torch.tensor(mask_meta["layer_macs"], dtype=torch.float64)
+    dens = torch.tensor(mask_meta["density"], dtype=torch.float64)
+    return round(float((macs * dens).sum() / macs.sum()), 4)
+
+
+def _plot(plan: Plan, run_dir: Path) -> Path:
+    """Reuse grid (steps x units) beside the per-layer densities: where the budget went."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.4]})
+    grid = torch.tensor(plan.compute, dtype=torch.float32).T  # (B, S)
+    axes[0].imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
+    axes[0].set(title="reuse: computed (green) per step", xlabel="sampling step", ylabel="unit")
+    axes[0].set_yticks(range(len(plan.blocks)), plan.blocks, fontsize=6)
+    mask = plan.meta.get("mask")
+    if mask:
+        axes[1].bar(range(len(mask["density"])), mask["density"], color="tab:blue")
+        axes[1].set_xticks(range(len(mask["layers"])), [p.replace("transformer_blocks.", "b") for p in mask["layers"]],
+                           rotation=90, fontsize=5)
+        axes[1].set(title="mask: kept density per layer", ylim=(0, 1.02))
+    else:
+        axes[1].axis("off")
+    split = plan.meta.get("cost_split", {})
+    fig.suptitle(f"joint plan {'+'.join(plan.meta.get('kinds', []))}: kept MACs {plan.cost_ratio:.3f} "
+                 f"(reuse alone {split.get('reuse_only', 1):.3f}, sparsity alone {split.get('mask_only', 1):.3f})")
+    fig.tight_layout()
+    path = run_dir / "joint_plan.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _routes_to_block(cfg: DictConfig) -> bool:
+    from dipgo.search.joint_block import routes_here
+
+    return routes_here(cfg)
+
+
+def _block_impl() -> Any:
+    """The block + mask variant (ViT / CNN / encoder), in :mod:`dipgo.search.joint_block`."""
+    from dipgo.search.joint_block import BlockJointTask
+
+    return BlockJointTask()
+
+
+@register_task("joint")
+class JointTask:
+    """Several gate kinds under one MACs budget: reuse + mask on a diffusion denoiser (here), block +
+    mask on a classifier or encoder (:mod:`dipgo.search.joint_block`), chosen by ``supernet.kinds``."""
+
+    kind = "joint"
+
+    def build(self, loaded: Any, cfg: DictConfig) -> Any:
+        if _routes_to_block(cfg):
+            return _block_impl().build(loaded, cfg)
+        return build_joint(loaded, cfg)
+
+    def datamodule(self, loaded: Any, supernet: Any, cfg: DictConfig) -> Any:
+        from dipgo.search.reuse_task import calibration_pool
+
+        if _routes_to_block(cfg):
+            return _block_impl().datamodule(loaded, supernet, cfg)
+        return CalibrationDataModule(calibration_pool(loaded, cfg), cfg.data.batch_size, cfg.data.steps_per_epoch,
+                                     cfg.seed, cfg.data.num_workers)
+
+    def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
+        if _routes_to_block(cfg):
+            return _block_impl().extract_plan(probs, supernet, cfg)
+        return extract_joint_plan(probs, supernet, cfg)
+
+    def evaluate(self, loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
+        if _routes_to_block(cfg):
+            return _block_impl().evaluate(loaded, supernet, plan, cfg, run_dir)
+        return evaluate_joint(loaded, supernet, plan, cfg, run_dir)
+
+    def summary_lines(self, report: dict[str, Any]) -> list[str]:
+        if report.get("joint_variant") == "block_mask":
+            return _block_impl().summary_lines(report)
+        row = report["variants"][0]
+        split = report.get("cost_split") or {}
+        lines = [f"joint search ({' + '.join(report['kinds'])}): kept MACs {report['cost_ratio']:.3f} "
+                 f"(target {report['target']:.3f}); reuse alone would keep {split.get('reuse_only', 1):.3f}, "
+                 f"the sparsity alone {split.get('mask_only', 1):.3f}",
+                 f"fidelity vs the full model on {report['num_samples']} held-out samples: PSNR {row['psnr']:.2f} dB, "
+                 f"SSIM {row['ssim']:.4f}" + (f", FD {row['fd']:.3f} (full model {row['fd_reference']:.3f})" if "fd" in row else "")]
+        if report.get("mask_density_macs") is not None:
+            lines.append(f"masked layers keep {report['mask_density_macs']:.3f} of their MACs")
+        return lines
+
+    def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict:
+        from dipgo.search.compose import ConfigError
+
+        raise ConfigError("dipgo bench does not run joint plans yet: their report gives the kept MACs and "
+                          "fidelity; unstructured sparsity needs sparse kernels to turn MACs into time")
+
+    def bench_lines(self, result: dict[str, Any]) -> list[str]:
+        return []
+
+    def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
+        from dipgo.search.compose import ConfigError
+
+        raise ConfigError("dipgo export does not write joint plans yet; plan.json holds the reuse grid and the "
+                          "per-layer densities")
