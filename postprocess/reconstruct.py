@@ -179,19 +179,21 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
             mod.weight.mul_(m.reshape(mod.weight.shape).to(mod.weight))
 
 
-def distill_kept_weights(model: nn.Module, masks: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]],
-                         references: list[torch.Tensor], output_fn: OutputFn, *, steps: int = 100,
-                         lr: float = 1e-4) -> list[float]:
-    """Tune the kept weights (and biases) of the masked layers towards the dense outputs.
+def distill_loss(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``1 - cosine + MSE / mean(ref^2)``: direction and scale of the outputs, both unit-free."""
+    return (1 - nn.functional.cosine_similarity(out, ref, dim=-1)).mean() + \
+        nn.functional.mse_loss(out, ref) / ref.pow(2).mean().clamp(min=1e-12)
 
-    Loss: ``1 - cosine + MSE`` of ``output_fn`` against ``references`` (the dense model's outputs
-    on the same batches); masks stay fixed (pruned weights are re-zeroed after every step).
-    Returns the loss per step. The model is left frozen in eval mode.
+
+def train_masked_layers(model: nn.Module, layers: list[str], batches: list[dict[str, torch.Tensor]],
+                        references: list[torch.Tensor], output_fn: OutputFn, *, steps: int, lr: float,
+                        after_step: Callable[[float], None]) -> list[float]:
+    """Adam (cosine decay) on the weights and biases of ``layers`` towards ``references`` with
+    :func:`distill_loss`; ``after_step(lr_of_that_step)`` runs after every optimiser step (re-zero
+    the pruned weights, or shrink them). Returns the loss per step; the model is left frozen in eval mode.
     """
-    if steps <= 0 or not masks:
-        return []
     params = []
-    for p in masks:
+    for p in layers:
         mod = model.get_submodule(p)
         params += [mod.weight] + ([mod.bias] if mod.bias is not None else [])
     flags = [(q, q.requires_grad) for q in model.parameters()]
@@ -205,21 +207,34 @@ def distill_kept_weights(model: nn.Module, masks: dict[str, torch.Tensor], batch
     try:
         for step in range(steps):
             i = step % len(batches)
-            out = output_fn(model, batches[i])
-            ref = references[i].detach()
-            loss = (1 - nn.functional.cosine_similarity(out, ref, dim=-1)).mean() + \
-                nn.functional.mse_loss(out, ref) / ref.pow(2).mean().clamp(min=1e-12)
+            loss = distill_loss(output_fn(model, batches[i]), references[i].detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            lr_t = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
-            apply_masks(model, masks)
+            after_step(lr_t)
             losses.append(float(loss.detach()))
     finally:
         for q, flag in flags:
             q.requires_grad_(flag)
         model.requires_grad_(False)
     return losses
+
+
+def distill_kept_weights(model: nn.Module, masks: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]],
+                         references: list[torch.Tensor], output_fn: OutputFn, *, steps: int = 100,
+                         lr: float = 1e-4) -> list[float]:
+    """Tune the kept weights (and biases) of the masked layers towards the dense outputs.
+
+    Loss: :func:`distill_loss` of ``output_fn`` against ``references`` (the dense model's outputs
+    on the same batches); masks stay fixed (pruned weights are re-zeroed after every step).
+    Returns the loss per step. The model is left frozen in eval mode.
+    """
+    if steps <= 0 or not masks:
+        return []
+    return train_masked_layers(model, list(masks), batches, references, output_fn, steps=steps, lr=lr,
+                               after_step=lambda _lr: apply_masks(model, masks))
 
 
 def block_masks(model: nn.Module, layers: list[str], densities: dict[str, float], pattern: Pattern,

@@ -50,6 +50,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dipgo.postprocess.reconstruct import train_masked_layers
+
 OutputFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
@@ -110,12 +112,6 @@ def sds_refusal(steps: int, lr: float, l1: float, rounds: int) -> str | None:
     return None
 
 
-def distill_loss(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``1 - cosine + MSE / mean(ref^2)``: the objective of ``distill_kept_weights``."""
-    return (1 - nn.functional.cosine_similarity(out, ref, dim=-1)).mean() + \
-        nn.functional.mse_loss(out, ref) / ref.pow(2).mean().clamp(min=1e-12)
-
-
 def redense(model: nn.Module, masks: dict[str, torch.Tensor], batches: list[dict[str, torch.Tensor]],
             references: list[torch.Tensor], output_fn: OutputFn, *, steps: int, lr: float,
             l1: float) -> list[float]:
@@ -129,39 +125,21 @@ def redense(model: nn.Module, masks: dict[str, torch.Tensor], batches: list[dict
         raise SDSError(sds_refusal(steps, lr, l1, 1))
     if not masks:
         return []
-    weights, params = [], []
+    weights = []
     for p, m in masks.items():
         mod = model.get_submodule(p)
         weights.append((mod.weight, ~m.reshape(mod.weight.shape).to(mod.weight.device)))
-        params += [mod.weight] + ([mod.bias] if mod.bias is not None else [])
-    flags = [(q, q.requires_grad) for q in model.parameters()]
-    model.requires_grad_(False)
-    for q in params:
-        q.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    losses = []
-    model.eval()
-    try:
-        for step in range(steps):
-            i = step % len(batches)
-            loss = distill_loss(output_fn(model, batches[i]), references[i].detach())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            lr_t = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            if l1 > 0:
-                with torch.no_grad():
-                    for w, pruned in weights:
-                        shrunk = w.sign() * (w.abs() - l1 * lr_t).clamp(min=0)
-                        w.copy_(torch.where(pruned, shrunk, w))
-            losses.append(float(loss.detach()))
-    finally:
-        for q, flag in flags:
-            q.requires_grad_(flag)
-        model.requires_grad_(False)
-    return losses
+
+    def shrink(lr_t: float) -> None:
+        if l1 <= 0:
+            return
+        with torch.no_grad():
+            for w, pruned in weights:
+                shrunk = w.sign() * (w.abs() - l1 * lr_t).clamp(min=0)
+                w.copy_(torch.where(pruned, shrunk, w))
+
+    return train_masked_layers(model, list(masks), batches, references, output_fn, steps=steps, lr=lr,
+                               after_step=shrink)
 
 
 def resaliency(model: nn.Module, layers: list[str], kind: str, norms: dict[str, torch.Tensor] | None,

@@ -567,18 +567,3 @@ class BlockJointTask:
         if report.get("mask_density_macs") is not None:
             lines.append(f"masked layers keep {report['mask_density_macs']:.3f} of their MACs")
         return lines
-
-    def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict:
-        from dipgo.search.compose import ConfigError
-
-        raise ConfigError("dipgo bench does not run joint plans yet: their report gives the kept MACs and "
-                          "fidelity; unstructured sparsity needs sparse kernels to turn MACs into time")
-
-    def bench_lines(self, result: dict[str, Any]) -> list[str]:
-        return []
-
-    def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
-        from dipgo.search.compose import ConfigError
-
-        raise ConfigError("dipgo export does not write joint plans yet; plan.json holds the removed blocks and "
-                          "the per-layer densities")

@@ -394,5 +394,5 @@ class JointTask:
     def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
         from dipgo.search.compose import ConfigError
 
-        raise ConfigError("dipgo export does not write joint plans yet; plan.json holds the reuse grid and the "
-                          "per-layer densities")
+        raise ConfigError("dipgo export does not write joint plans yet; plan.json holds the structural part "
+                          "(reuse grid or removed blocks) and the per-layer densities")
