@@ -75,7 +75,7 @@ def _load_run(run_dir: str | Path) -> tuple[Any, Any, Path]:
     from omegaconf import OmegaConf
 
     from dipgo.postprocess.plan import Plan
-    from dipgo.search.compose import compose_config
+    from dipgo.search.compose import compose_config, load_saved_config
 
     path = Path(run_dir)
     if not (path / "config.yaml").is_file():
@@ -83,7 +83,7 @@ def _load_run(run_dir: str | Path) -> tuple[Any, Any, Path]:
     if not (path / "plan.json").is_file():
         raise ConfigError(f"{path} has no plan.json: the search did not finish (resume it with `dipgo search resume={path}`)")
     base, _ = compose_config()
-    cfg = OmegaConf.merge(base, OmegaConf.load(path / "config.yaml"))
+    cfg = OmegaConf.merge(base, load_saved_config(path / "config.yaml"))
     return cfg, Plan.load(path / "plan.json"), path
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from importlib import resources
+from pathlib import Path
 
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
@@ -151,6 +152,16 @@ def _validate_joint(cfg: DictConfig) -> None:
     bad = [d for d in [cfg.supernet.mask_min_density, *cfg.supernet.split_densities] if not 0.0 < d <= 1.0]
     if bad:
         raise ConfigError(f"supernet.mask_min_density and supernet.split_densities are densities in (0, 1]; got {bad}")
+
+
+def load_saved_config(path: str | Path) -> DictConfig:
+    """A run's saved ``config.yaml``, upgraded from older dipgo layouts so it merges onto today's schema
+    (``supernet.sds`` was a boolean before it became a group)."""
+    saved = OmegaConf.load(path)
+    sds = OmegaConf.select(saved, "supernet.sds")
+    if isinstance(sds, bool):
+        saved.supernet.sds = {"enabled": sds}
+    return saved
 
 
 def _legacy_overrides(overrides: Sequence[str]) -> list[str]:

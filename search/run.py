@@ -22,7 +22,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from dipgo.postprocess.plan import Plan, write_bytes_atomic, write_json_atomic
 from dipgo.search.budget import budget_plans
-from dipgo.search.compose import ConfigError, validate_config
+from dipgo.search.compose import ConfigError, load_saved_config, validate_config
 from dipgo.search.module import SearchModule
 from dipgo.search.progress import StepProgressBar
 from dipgo.search.tasks import get_task, load_configured_model
@@ -113,7 +113,7 @@ def load_resume(resume: str | Path) -> tuple[DictConfig, Path, Path]:
     from dipgo.search.compose import compose_config
 
     base, _ = compose_config()
-    cfg = OmegaConf.merge(base, OmegaConf.load(cfg_path))
+    cfg = OmegaConf.merge(base, load_saved_config(cfg_path))
     cfg.resume = None
     validate_config(cfg)
     return cfg, run_dir, ckpt

@@ -62,3 +62,18 @@ def test_bad_config_is_one_sentence(overrides: list[str], expected: str) -> None
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_saved_config_with_the_old_sds_boolean_still_loads(tmp_path: Path) -> None:
+    """Runs written before ``supernet.sds`` became a group keep working with resume/bench/export."""
+    from omegaconf import OmegaConf
+
+    from dipgo.search.compose import load_saved_config
+
+    cfg, _ = compose_config(["recipe=minilm_sparse"])
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data["supernet"]["sds"] = True
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(data))
+    base, _ = compose_config()
+    merged = OmegaConf.merge(base, load_saved_config(tmp_path / "config.yaml"))
+    assert merged.supernet.sds.enabled is True and merged.supernet.sds.steps == 100
