@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -66,8 +67,6 @@ def test_bad_config_is_one_sentence(overrides: list[str], expected: str) -> None
 
 def test_saved_config_with_the_old_sds_boolean_still_loads(tmp_path: Path) -> None:
     """Runs written before ``supernet.sds`` became a group keep working with resume/bench/export."""
-    from omegaconf import OmegaConf
-
     from dipgo.search.compose import load_saved_config
 
     cfg, _ = compose_config(["recipe=minilm_sparse"])
