@@ -8,7 +8,7 @@ test sentences. Ablations: ``dipgo_mask_only`` (learned allocation, no weight up
 ``uniform_recon_distill`` (uniform allocation with dipgo's reconstruction + distillation), so the
 share of the learned allocation in the result is visible.
 
-Part 2 (end to end): block32 plans at several densities, the SubNet's masked Linears on the
+Part 2 (end to end): block plans (``--curve-patterns``, block32 and/or rowblock32) at several densities, the SubNet's masked Linears on the
 block-sparse kernels where the kernel heuristic says they pay; encoder latency vs dense measured
 interleaved in one process, and fidelity.
 
@@ -81,7 +81,8 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results/sparsity_minilm.json")
     ap.add_argument("--steps", type=int, default=100, help="pruner steps per search")
     ap.add_argument("--distill-steps", type=int, default=100)
-    ap.add_argument("--curve", default="0.7,0.5,0.3,0.2", help="block32 densities of the speed curve")
+    ap.add_argument("--curve", default="0.7,0.5,0.3,0.2", help="densities of the speed curve")
+    ap.add_argument("--curve-patterns", default="block32", help="block patterns of the speed curve, comma-separated")
     ap.add_argument("--pool", type=int, default=128, help="calibration sentences")
     ap.add_argument("--samples", type=int, default=379, help="held-out test sentences")
     ap.add_argument("--distill-lr", type=float, default=3e-4)
@@ -108,8 +109,9 @@ def main() -> None:
                 print(json.dumps({k: row[k] for k in ("pattern", "plan_density", "cosine")}), flush=True)
                 result["allocation"].append(row)
                 write_json_atomic(args.out, result)
-        for dens in (float(d) for d in args.curve.split(",") if d):
-            ov = _overrides(runs, **{**common, "search.target": dens, "supernet.pattern": "block32",
+        points = [(p, float(d)) for p in args.curve_patterns.split(",") for d in args.curve.split(",") if d]
+        for pattern, dens in points:
+            ov = _overrides(runs, **{**common, "search.target": dens, "supernet.pattern": pattern,
                                      "report.baselines": "[]", "report.latency_runs": 10})
             row = run_one(ov, ablate=False)
             print(json.dumps({k: row[k] for k in ("pattern", "plan_density", "kernel_cosine", "speedup")}), flush=True)
