@@ -46,9 +46,12 @@ def _mask_config(cfg: DictConfig) -> Any:
     from dipgo.supernets.mask import DEFAULT_EXCLUDE, MaskGateConfig
 
     s = cfg.supernet
+    # searched together with reuse, the densities stay in [mask_min_density, 1] during training too, so
+    # the reuse gates learn for the budget a realistic split leaves (alone, the mask kind may go anywhere)
+    floor = float(s.mask_min_density) if "reuse" in s.kinds else MaskGateConfig.min_density
     return MaskGateConfig(pattern=str(s.pattern), saliency=s.saliency, cost_weighting="macs",
                           strict_pattern=bool(s.strict_pattern), temperature=float(s.mask_temperature),
-                          exclude=(*DEFAULT_EXCLUDE, *[str(p) for p in s.mask_exclude]))
+                          exclude=(*DEFAULT_EXCLUDE, *[str(p) for p in s.mask_exclude]), min_density=floor)
 
 
 def build_joint(loaded: Any, cfg: DictConfig) -> Any:

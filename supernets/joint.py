@@ -110,7 +110,11 @@ class JointSuperNet:
         if self.allocation == "global" and dens.numel():
             dens = dens.mean().expand(dens.numel())  # one density for every layer: the pruner splits kinds only
         if self.mask is not None:
-            dens = self.mask.effective(dens.clamp(min=self.mask.config.min_density, max=1.0))
+            lo = self.mask.config.min_density
+            # with reuse the densities live in [lo, 1] as lo + (1 - lo) * p, so a density at the floor
+            # still gets gradients (a clamp would freeze it there); alone, clamped like the mask kind
+            dens = lo + (1 - lo) * dens if "reuse" in self.kinds else dens.clamp(min=lo, max=1.0)
+            dens = self.mask.effective(dens)
         return g_reuse, dens
 
     def _set_densities(self, densities: torch.Tensor | None) -> None:

@@ -69,15 +69,15 @@ def test_joint_slots_costs_and_identity(tiny_dit_dir: Path, tmp_path: Path) -> N
     # hard gates + densities: the differentiable cost equals the plan cost of the view
     gates = ones.clone()
     gates[: n_reuse : 3] = 0.0
-    gates[n_reuse:] = 0.5
+    gates[n_reuse:] = 0.5  # density 0.8 + 0.2 * 0.5 = 0.9 (supernet.mask_min_density = 0.8)
     grid = sn.reuse.gate_grid(gates[:n_reuse]).bool().tolist()
-    assert float(sn.expected_cost(gates)) == pytest.approx(sn.plan_cost(grid, [0.5] * len(sn.layers)), rel=1e-9)
-    # densities save exactly half of the masked layers' MACs at every step
+    assert float(sn.expected_cost(gates)) == pytest.approx(sn.plan_cost(grid, [0.9] * len(sn.layers)), rel=1e-9)
+    # densities save exactly a tenth of the masked layers' MACs wherever their unit runs
     dense_cost = sn.plan_cost(grid, [1.0] * len(sn.layers))
     unit_of = {p: next(b for b, u in enumerate(sn.reuse.block_names) if p.startswith(u + ".")) for p in sn.layers}
     computed = {b: sum(row[b] for row in grid) for b in range(len(sn.reuse.block_names))}
-    saved = sum(0.5 * m * computed[unit_of[p]] for p, m in zip(sn.layers, sn._layer_macs.tolist())) / sn.full_cost()
-    assert dense_cost - sn.plan_cost(grid, [0.5] * len(sn.layers)) == pytest.approx(saved, rel=1e-9)
+    saved = sum(0.1 * m * computed[unit_of[p]] for p, m in zip(sn.layers, sn._layer_macs.tolist())) / sn.full_cost()
+    assert dense_cost - sn.plan_cost(grid, [0.9] * len(sn.layers)) == pytest.approx(saved, rel=1e-9)
     sn.remove()
 
 
@@ -176,5 +176,17 @@ def test_global_allocation_ties_the_layers(tiny_dit_dir: Path, tmp_path: Path) -
     gates = torch.ones(len(sn.slots), dtype=torch.float64)
     gates[n_reuse:] = torch.linspace(0.5, 0.9, len(sn.layers), dtype=torch.float64)
     _, dens = sn.split(gates)
-    assert torch.allclose(dens, torch.full_like(dens, 0.7))
+    assert torch.allclose(dens, torch.full_like(dens, 0.8 + 0.2 * 0.7))  # the mean, mapped into [0.8, 1]
     sn.remove()
+
+
+def test_joint_training_keeps_densities_above_the_floor(tiny_dit_dir: Path, tmp_path: Path) -> None:
+    """With reuse, densities stay in [mask_min_density, 1]; the mask kind alone may go to the 5 % floor."""
+    _, _, joint = build(tiny_dit_dir, tmp_path, **{"supernet.mask_min_density": 0.8})
+    _, dens = joint.split(torch.full((len(joint.slots),), 0.5))
+    assert torch.allclose(dens, torch.full_like(dens, 0.9))  # 0.8 + 0.2 * 0.5
+    joint.remove()
+    _, _, alone = build(tiny_dit_dir, tmp_path, **{"supernet.kinds": "[mask]", "supernet.mask_min_density": 0.8})
+    _, dens = alone.split(torch.full((len(alone.slots),), 0.1))
+    assert torch.allclose(dens, torch.full_like(dens, 0.1))
+    alone.remove()
