@@ -28,6 +28,13 @@ from omegaconf import DictConfig
 
 from dipgo.postprocess.plan import Plan, PlanError
 from dipgo.search.data import CalibrationDataModule, collate
+from dipgo.search.joint_common import (
+    find_mask_layers,
+    install_mask_gates,
+    macs_density,
+    prune_mask_part,
+    shift_densities,
+)
 
 
 def routes_here(cfg: DictConfig) -> bool:
@@ -35,12 +42,6 @@ def routes_here(cfg: DictConfig) -> bool:
     ``mask`` alone on classifier / encoder data (``data.kind`` images or text)."""
     kinds = list(cfg.supernet.kinds)
     return "block" in kinds or ("reuse" not in kinds and cfg.data.kind in ("images", "text"))
-
-
-def _calibration_batches(pool: Any, n_items: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    n = min(len(pool), int(n_items))
-    return [{k: v for k, v in collate([pool[i] for i in range(a, min(a + batch_size, n))]).items() if k != "index"}
-            for a in range(0, n, batch_size)]
 
 
 def _floor(value: float, digits: int = 6) -> float:
@@ -51,18 +52,10 @@ def _floor(value: float, digits: int = 6) -> float:
 def build_block_joint(loaded: Any, cfg: DictConfig) -> Any:
     """Block gates + mask gates on ``loaded.model`` (classifier or encoder) as one SuperNet."""
     from dipgo.search.block_task import _check_data, _example, calibration_pool, output_fn_for
-    from dipgo.search.joint_task import _mask_config
+    from dipgo.search.mask_task import calibration_batches
     from dipgo.supernets.adapters import UnsupportedModelError
     from dipgo.supernets.block import apply_block_gates
     from dipgo.supernets.joint_block import BlockMaskSuperNet, check_block_kinds, count_module_macs
-    from dipgo.supernets.mask import (
-        MaskSuperNet,
-        check_layers,
-        find_prunable,
-        input_norms,
-        parse_pattern,
-        saliency_of,
-    )
 
     kinds = check_block_kinds(cfg.supernet.kinds)
     try:
@@ -74,27 +67,15 @@ def build_block_joint(loaded: Any, cfg: DictConfig) -> Any:
     dense = copy.deepcopy(loaded.model).eval().requires_grad_(False)  # unhooked: MACs, norms, OBS run on it
     example = _example(pool)
     block = apply_block_gates(loaded.model, example, output_fn=fn)
-    batches = _calibration_batches(pool, cfg.supernet.mask_calib_items, cfg.data.batch_size)
+    batches = calibration_batches(pool, cfg.data.batch_size, limit=cfg.supernet.mask_calib_items)
     mask, layers = None, []
     try:
-        if "mask" in kinds:
-            mcfg = _mask_config(cfg)
-            pattern = parse_pattern(mcfg.pattern)
-            layers = find_prunable(dense, tuple(mcfg.exclude))
-            if not layers:
-                raise ValueError(f"{type(dense).__name__} has no Linear or Conv2d layer left to prune after "
-                                 "supernet.mask_exclude")
-            refused = check_layers(dense, layers, pattern, mcfg.strict_pattern)
-            norms = input_norms(dense, layers, batches, fn)
-            layers = [p for p in layers if p in norms]  # only layers the forward reaches
+        found = find_mask_layers(dense, cfg, batches, fn) if "mask" in kinds else None
+        layers = found.layers if found is not None else []
         full, per = count_module_macs(dense, example, fn, [*block.blocks, *layers])
         block.set_costs([per[b] for b in block.blocks], full)  # same counter, same example as the layers
-        if "mask" in kinds:
-            saliency = {p: saliency_of(dense.get_submodule(p), mcfg.saliency, norms.get(p)) for p in layers}
-            mask = MaskSuperNet(loaded.model, layers, [per[p] for p in layers], saliency, pattern, mcfg, fn,
-                                {p: m for p, m in refused.items() if p in layers}, norms)
-            for msg in mask.refused.values():
-                print(f"dipgo: {msg}")
+        if found is not None:
+            mask = install_mask_gates(loaded.model, dense, found, [per[p] for p in layers], fn)
     except BaseException:
         block.remove()
         raise
@@ -124,44 +105,8 @@ def fit_densities(sn: Any, densities: torch.Tensor, keep: list[bool], target: fl
     """The learned densities shifted by one constant (clamped, fixed layers untouched) so that the
     plan with blocks ``keep`` costs at most ``target``, as close to it as bisection gets; ``None``
     when even the minimum density does not reach it."""
-    free = sn.mask._fixed.to(densities) < 0
-    lo_d = sn.mask.config.min_density
-
-    def shifted(c: float) -> torch.Tensor:
-        return torch.where(free, (densities + c).clamp(lo_d, 1.0), densities)
-
-    lo, hi = -1.0, 1.0
-    if sn.plan_cost(keep, shifted(lo).tolist()) > target:
-        return None
-    if sn.plan_cost(keep, shifted(hi).tolist()) <= target:
-        return shifted(hi)
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if sn.plan_cost(keep, shifted(mid).tolist()) > target:
-            hi = mid
-        else:
-            lo = mid
-    return shifted(lo)
-
-
-def prune_mask_part(sn: Any, densities: list[float], cfg: DictConfig, distill: bool = True) -> dict[str, Any]:
-    """OBS-reconstructed (and, with ``distill``, distilled) weights of the mask part, on a copy of
-    the unhooked model; the copy is kept on the SuperNet (``pruned_model``) and its masked layers'
-    weights in ``pruned_state`` (swapped into the hooked model to score hard plans)."""
-    from dipgo.postprocess.mask_subnet import prune_with_plan
-
-    plan = Plan(kind="mask", model=type(sn.model).__name__, blocks=list(sn.layers),
-                compute=[[d >= 1.0 for d in densities]], target=1.0, cost_ratio=1.0,
-                meta={"pattern": sn.mask.pattern.name, "density": list(densities)})
-    pruned, masks = prune_with_plan(sn.dense_model, plan, sn.mask.saliency, sn.calibration_batches, sn.output_fn,
-                                    reconstruct=bool(cfg.supernet.reconstruct),
-                                    distill_steps=int(cfg.supernet.distill_steps) if distill else 0,
-                                    distill_lr=float(cfg.supernet.distill_lr))
-    sn.pruned_model = pruned
-    sn.pruned_state = {f"{p}.{name}": t.detach().clone() for p in sn.layers
-                       for name, t in pruned.get_submodule(p).named_parameters(recurse=False)}
-    kept = {p: float(m.float().mean()) for p, m in masks.items()}
-    return {"realised_density": [round(kept.get(p, 1.0), 4) for p in sn.layers]}
+    return shift_densities(densities, sn.mask._fixed.to(densities) < 0, sn.mask.config.min_density,
+                           lambda d: sn.plan_cost(keep, d), target)
 
 
 def refine_blocks(keep: list[bool], probs: list[float], costs: list[float], total: float, target: float,
@@ -483,19 +428,10 @@ def evaluate_block_joint(loaded: Any, sn: Any, plan: Plan, cfg: DictConfig, run_
               "source": loaded.source, "target": plan.target, "cost_ratio": plan.cost_ratio,
               "cost_split": plan.meta.get("cost_split"), "fidelity_metric": fidelity_key(kind),
               "eval_items": len(ref), "removed_blocks": plan.meta.get("removed_blocks", []),
-              "mask_density_macs": _macs_density(mask_meta), "variants": rows,
+              "mask_density_macs": macs_density(mask_meta), "variants": rows,
               "refine": {k: v for k, v in plan.meta.get("refine", {}).items() if k != "seed_scores"}}
     plots = {"joint_plan": _plot(plan, sn, run_dir)} if cfg.report.plots else {}
     return report, plots
-
-
-def _macs_density(mask_meta: dict[str, Any]) -> float | None:
-    """MACs-weighted density of the masked layers (``None`` without a mask part)."""
-    if not mask_meta:
-        return None
-    macs = torch.tensor(mask_meta["layer_macs"], dtype=torch.float64)
-    dens = torch.tensor(mask_meta["density"], dtype=torch.float64)
-    return round(float((macs * dens).sum() / macs.sum()), 4)
 
 
 def _plot(plan: Plan, sn: Any, run_dir: Path) -> Path:

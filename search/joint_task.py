@@ -24,6 +24,13 @@ from omegaconf import DictConfig
 
 from dipgo.postprocess.plan import Plan, PlanError
 from dipgo.search.data import CalibrationDataModule, collate
+from dipgo.search.joint_common import (
+    find_mask_layers,
+    install_mask_gates,
+    macs_density,
+    prune_mask_part,
+    shift_densities,
+)
 from dipgo.search.tasks import register_task
 
 
@@ -42,62 +49,30 @@ def plain_sampler(model: torch.nn.Module, reuse: Any) -> Any:
     return output_fn
 
 
-def _mask_config(cfg: DictConfig) -> Any:
-    from dipgo.supernets.mask import DEFAULT_EXCLUDE, MaskGateConfig
-
-    s = cfg.supernet
-    # searched together with reuse, the densities stay in [mask_min_density, 1] during training too, so
-    # the reuse gates learn for the budget a realistic split leaves (alone, the mask kind may go anywhere)
-    floor = float(s.mask_min_density) if "reuse" in s.kinds else MaskGateConfig.min_density
-    return MaskGateConfig(pattern=str(s.pattern), saliency=s.saliency, cost_weighting="macs",
-                          strict_pattern=bool(s.strict_pattern), temperature=float(s.mask_temperature),
-                          exclude=(*DEFAULT_EXCLUDE, *[str(p) for p in s.mask_exclude]), min_density=floor)
-
-
 def build_joint(loaded: Any, cfg: DictConfig) -> Any:
     """Reuse gates + mask gates on ``loaded.model`` (a diffusion denoiser) as one SuperNet."""
     from dipgo.report.macs import block_macs
+    from dipgo.search.mask_task import calibration_batches
     from dipgo.search.reuse_task import ReuseTask, calibration_pool
     from dipgo.supernets.joint import JointSuperNet, check_kinds
-    from dipgo.supernets.mask import (
-        MaskSuperNet,
-        check_layers,
-        find_prunable,
-        input_norms,
-        parse_pattern,
-        saliency_of,
-    )
     from dipgo.supernets.reuse import _example_call
 
     kinds = check_kinds(cfg.supernet.kinds)
     dense = copy.deepcopy(loaded.model).eval()  # unhooked copy: norms, MACs and OBS run on it
     reuse = ReuseTask().build(loaded, cfg)
     pool = calibration_pool(loaded, cfg)
-    n_calib = min(len(pool), int(cfg.supernet.mask_calib_items))
-    batches = [{k: v for k, v in collate([pool[i] for i in range(a, min(a + cfg.data.batch_size, n_calib))]).items()
-                if k != "index"} for a in range(0, n_calib, cfg.data.batch_size)]
+    batches = calibration_batches(pool, cfg.data.batch_size, limit=cfg.supernet.mask_calib_items)
     output_fn = plain_sampler(dense, reuse)
     mask = None
     layer_macs: list[float] = []
     if "mask" in kinds:
-        mcfg = _mask_config(cfg)
-        pattern = parse_pattern(mcfg.pattern)
-        layers = find_prunable(dense, tuple(mcfg.exclude))
-        if not layers:
-            raise ValueError(f"{type(dense).__name__} has no Linear or Conv2d layer left to prune after supernet.mask_exclude")
-        refused = check_layers(dense, layers, pattern, mcfg.strict_pattern)
-        norms = input_norms(dense, layers, batches, output_fn)
-        layers = [p for p in layers if p in norms]
+        found = find_mask_layers(dense, cfg, batches, output_fn)
         example = collate([pool[0]])
         example.pop("index")
         x, kwargs = _example_call(example, reuse.config, reuse.null_class)
-        _, per_layer = block_macs(dense, layers, x, **kwargs)
-        layer_macs = [per_layer[p] for p in layers]
-        saliency = {p: saliency_of(dense.get_submodule(p), mcfg.saliency, norms.get(p)) for p in layers}
-        mask = MaskSuperNet(loaded.model, layers, layer_macs, saliency, pattern, mcfg, output_fn,
-                            {p: m for p, m in refused.items() if p in layers}, norms)
-        for msg in mask.refused.values():
-            print(f"dipgo: {msg}")
+        _, per_layer = block_macs(dense, found.layers, x, **kwargs)
+        layer_macs = [per_layer[p] for p in found.layers]
+        mask = install_mask_gates(loaded.model, dense, found, layer_macs, output_fn)
     joint = JointSuperNet(reuse, mask, layer_macs, kinds, allocation=str(cfg.supernet.mask_allocation))
     joint.dense_model, joint.calibration_batches, joint.output_fn = dense, batches, output_fn
     return joint
@@ -107,37 +82,14 @@ def fit_densities(joint: Any, densities: torch.Tensor, target: float) -> torch.T
     """Shift the learned densities by one constant (clamped) so that the trajectory with every
     step computed costs ``target``: the mask-only plan, and the floor a joint plan needs."""
     full_grid = [[True] * len(joint.reuse.block_names)] * joint.reuse.num_steps
-    free = joint.mask._fixed.to(densities) < 0
     lo_d = joint.mask.config.min_density
-
-    def shifted(c: float) -> torch.Tensor:
-        return torch.where(free, (densities + c).clamp(lo_d, 1.0), densities)
-
-    lo, hi = -1.0, 1.0
-    if joint.plan_cost(full_grid, shifted(lo).tolist()) > target:
+    fitted = shift_densities(densities, joint.mask._fixed.to(densities) < 0, lo_d,
+                             lambda d: joint.plan_cost(full_grid, d), target)
+    if fitted is None:
+        floor = torch.where(joint.mask._fixed.to(densities) < 0, torch.full_like(densities, lo_d), densities)
         raise PlanError(f"target {target:.3f} is below what weight sparsity alone can reach "
-                        f"({joint.plan_cost(full_grid, shifted(lo).tolist()):.3f} at the minimum density {lo_d})")
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        if joint.plan_cost(full_grid, shifted(mid).tolist()) > target:
-            hi = mid
-        else:
-            lo = mid
-    return shifted(lo)
-
-
-def prune_mask_part(joint: Any, densities: list[float], cfg: DictConfig) -> dict[str, Any]:
-    """OBS-reconstructed weights of the mask part (on the dense copy); stored on the SuperNet."""
-    from dipgo.postprocess.mask_subnet import prune_with_plan
-
-    plan = Plan(kind="mask", model=type(joint.model).__name__, blocks=list(joint.layers),
-                compute=[[d >= 1.0 for d in densities]], target=1.0, cost_ratio=1.0,
-                meta={"pattern": joint.mask.pattern.name, "density": list(densities)})
-    pruned, masks = prune_with_plan(joint.dense_model, plan, joint.mask.saliency, joint.calibration_batches,
-                                    joint.output_fn, reconstruct=bool(cfg.supernet.reconstruct), distill_steps=0)
-    joint.pruned_state = {f"{p}.weight": pruned.get_submodule(p).weight.detach().clone() for p in joint.layers}
-    kept = {p: float(m.float().mean()) for p, m in masks.items()}
-    return {"realised_density": [round(kept.get(p, 1.0), 4) for p in joint.layers]}
+                        f"({joint.plan_cost(full_grid, floor.tolist()):.3f} at the minimum density {lo_d})")
+    return fitted
 
 
 def mask_candidates(joint: Any, learned: torch.Tensor, cfg: DictConfig) -> dict[str, list[float]]:
@@ -232,7 +184,7 @@ def extract_joint_plan(probs: torch.Tensor, joint: Any, cfg: DictConfig) -> Plan
         scores: dict[str, float] = {}
         best: tuple[float, str, list[float], Any, dict] | None = None
         for name, dens in mask_candidates(joint, learned, cfg).items():
-            pruned = prune_mask_part(joint, dens, cfg) if min(dens) < 1.0 else {"realised_density": [1.0] * len(dens)}
+            pruned = prune_mask_part(joint, dens, cfg, distill=False) if min(dens) < 1.0 else {"realised_density": [1.0] * len(dens)}
             if min(dens) >= 1.0:
                 joint.pruned_state = None
             grid = _reuse_grid(joint, g_reuse, dens, cfg, evals=0).compute if has_reuse else all_on
@@ -283,19 +235,10 @@ def evaluate_joint(loaded: Any, joint: Any, plan: Plan, cfg: DictConfig, run_dir
     mask_meta = plan.meta.get("mask", {})
     report = {"kind": "joint", "kinds": list(joint.kinds), "target": plan.target, "cost_ratio": plan.cost_ratio,
               "cost_split": plan.meta.get("cost_split"), "fidelity_metric": "psnr", "num_samples": n,
-              "mask_density_macs": _macs_density(mask_meta), "variants": [row],
+              "mask_density_macs": macs_density(mask_meta), "variants": [row],
               "refine": {k: v for k, v in plan.meta.get("refine", {}).items() if k != "seed_scores"}}
     plots = {"joint_plan": _plot(plan, run_dir)}
     return report, plots
-
-
-def _macs_density(mask_meta: dict[str, Any]) -> float | None:
-    """MACs-weighted density of the masked layers (``None`` without a mask part)."""
-    if not mask_meta:
-        return None
-    macs = torch.tensor(mask_meta["layer_macs"], dtype=torch.float64)
-    dens = torch.tensor(mask_meta["density"], dtype=torch.float64)
-    return round(float((macs * dens).sum() / macs.sum()), 4)
 
 
 def _plot(plan: Plan, run_dir: Path) -> Path:

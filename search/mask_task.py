@@ -34,13 +34,15 @@ def gate_config(cfg: DictConfig) -> Any:
                           strict_pattern=bool(s.strict_pattern), temperature=float(s.mask_temperature))
 
 
-def calibration_batches(pool: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """The whole calibration pool in fixed chunks (no ``index``): Wanda norms, Hessians, distillation."""
+def calibration_batches(pool: Any, batch_size: int, limit: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """The calibration pool (its first ``limit`` items) in fixed chunks (no ``index``): Wanda
+    norms, Hessians, distillation."""
     from dipgo.search.data import collate
 
+    n = len(pool) if limit is None else min(len(pool), int(limit))
     out = []
-    for start in range(0, len(pool), batch_size):
-        items = [pool[i] for i in range(start, min(start + batch_size, len(pool)))]
+    for start in range(0, n, batch_size):
+        items = [pool[i] for i in range(start, min(start + batch_size, n))]
         out.append({k: v for k, v in collate(items).items() if k != "index"})
     return out
 

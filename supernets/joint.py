@@ -121,7 +121,7 @@ class JointSuperNet:
         """Mask hooks compute with these densities (``None``: dense weights). They stay set after
         :meth:`gated` returns, so a backward pass that recomputes a step sees the same masks."""
         if self.mask is not None:
-            self.mask._gates = densities
+            self.mask.set_densities(densities)
 
     # ---- costs -------------------------------------------------------------------------------
     def macs_with(self, densities: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

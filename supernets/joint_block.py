@@ -154,7 +154,7 @@ class BlockMaskSuperNet:
     # ---- outputs -----------------------------------------------------------------------------
     def _set_densities(self, densities: torch.Tensor | None) -> None:
         if self.mask is not None:
-            self.mask._gates = densities
+            self.mask.set_densities(densities)
 
     def reference(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The dense model's output (masks off, every block computed)."""

@@ -381,13 +381,18 @@ class MaskSuperNet:
         with torch.no_grad():
             return {"output": self.output_fn(self.model, batch)}
 
+    def set_densities(self, densities: torch.Tensor | None) -> None:
+        """Make the hooked layers compute with these ``(N,)`` effective densities until changed
+        (``None``: the dense weights). A joint SuperNet sets them around its structural gates."""
+        self._gates = densities
+
     def gated(self, batch: dict[str, torch.Tensor], gates: torch.Tensor) -> dict[str, torch.Tensor]:
         self._check(gates)
-        self._gates = self.effective(gates.clamp(min=self.config.min_density, max=1.0))
+        self.set_densities(self.effective(gates.clamp(min=self.config.min_density, max=1.0)))
         try:
             return {"output": self.output_fn(self.model, batch)}
         finally:
-            self._gates = None
+            self.set_densities(None)
 
     def _check(self, gates: torch.Tensor) -> None:
         if gates.shape != (len(self.layers),):
