@@ -200,10 +200,19 @@ def _denoiser_kind(class_name: str) -> str:
     )
 
 
+def _diffusers_kw(kw: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` keywords for a diffusers model: without ``accelerate`` installed (dipgo does
+    not need it), diffusers falls back to ``low_cpu_mem_usage=False`` anyway, but warns in five lines
+    on every load; asking for the fallback explicitly keeps the CLI's output to what matters."""
+    from importlib.util import find_spec
+
+    return {"low_cpu_mem_usage": find_spec("accelerate") is not None, **kw}
+
+
 def _load_diffusers(path: Path, subfolder: str | None, class_name: str, **kw: Any) -> LoadedModel:
     cls, kind = _diffusers_class(class_name), _denoiser_kind(class_name)
     try:
-        model = cls.from_pretrained(str(path), subfolder=subfolder, **kw)
+        model = cls.from_pretrained(str(path), subfolder=subfolder, **_diffusers_kw(kw))
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(
             f"Cannot load the diffusers {class_name} in {str(path)!r} ({_first_line(e)})."
@@ -330,7 +339,7 @@ def _load_hub(repo_id: str, **kw: Any) -> LoadedModel:
         cfg = _hub_json(repo_id, "config.json") or {}
         if "_class_name" in cfg:
             kind = _denoiser_kind(cfg["_class_name"])
-            model = _diffusers_class(cfg["_class_name"]).from_pretrained(repo_id, **kw)
+            model = _diffusers_class(cfg["_class_name"]).from_pretrained(repo_id, **_diffusers_kw(kw))
             return LoadedModel(model=model.eval(), kind=kind, source=repo_id)
         if "architecture" in cfg:
             return _load_timm_hub(f"hf-hub:{repo_id}", **kw)
@@ -352,7 +361,7 @@ def _load_hub_pipeline_part(repo_id: str, index: dict[str, Any], **kw: Any) -> L
     for sub, kind in _DENOISER_SUBFOLDERS.items():
         if sub in index and wanted in (None, sub):
             cls = _diffusers_class(index[sub][1])
-            model = cls.from_pretrained(repo_id, subfolder=sub, **kw)  # e.g. UNet2DConditionModel
+            model = cls.from_pretrained(repo_id, subfolder=sub, **_diffusers_kw(kw))  # e.g. UNet2DConditionModel
             scheduler = None
             if "scheduler" in index:
                 # the scheduler's own config names its class (model_index may hold a type alias)

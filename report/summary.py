@@ -107,7 +107,7 @@ def aggregate_runs(root: Path, out_dir: Path, fidelity_key: str | None = None) -
 
     points = collect_points(root, fidelity_key)
     if not points:
-        raise FileNotFoundError(2, "no finished runs (report.json) found under", str(root))
+        raise FileNotFoundError(_no_runs_message(root))  # no filename: the CLI prints this sentence as is
     front = pareto_front(points)
     for p, on in zip(points, front):
         p["pareto"] = bool(on)
@@ -128,6 +128,18 @@ def aggregate_runs(root: Path, out_dir: Path, fidelity_key: str | None = None) -
         "plot": pareto_plot(points, out_dir / "pareto.png", fidelity_label=f"{metric} vs full model"),
     }
     return table, outputs
+
+
+def _no_runs_message(root: Path) -> str:
+    """What is missing under ``root``: finished runs write ``report.json``; unfinished ones only
+    ``config.yaml`` (and can be resumed)."""
+    unfinished = sorted(p.parent for p in root.rglob("config.yaml") if not (p.parent / "report.json").is_file())
+    if unfinished:
+        return (f"{root} holds {len(unfinished)} run folder(s) but no finished run (no report.json in any of them; "
+                f"a search writes it at its end): resume one with `dipgo search resume={unfinished[0]}`")
+    what = "is an empty folder" if not any(root.iterdir()) else "holds no dipgo run"
+    return (f"{root} {what}: `dipgo report` needs a run folder (with report.json) or a folder above finished runs "
+            "(such as runs/ or a sweep folder)")
 
 
 def _f(value: Any, spec: str) -> str:

@@ -29,6 +29,8 @@ BASELINES: tuple[str, ...] = (
     "magnitude", "wanda", "owl", "sparsegpt",
 )
 GROUPS: tuple[str, ...] = ("model", "supernet", "search", "data", "trainer", "logger", "report", "recipe")
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""A recipe name: one folder name under ``runs_root`` (no separator, not ``.`` / ``..``)."""
 
 
 class ConfigError(ValueError):
@@ -72,6 +74,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"search.target must be in (0, 1] (the fraction of MACs to keep, 0.25 = 4x fewer); got {target}"
         )
     _check_budgets(cfg)
+    check_plain_name("recipe_name", cfg.recipe_name)
     _one_of("supernet.kind", cfg.supernet.kind, ("reuse", "block", "mask", "joint"))
     _one_of("supernet.granularity", cfg.supernet.granularity, ("block", "layer"))
     _one_of("supernet.mode", cfg.supernet.mode, ("auto", "output", "residual"))
@@ -98,6 +101,18 @@ def validate_config(cfg: DictConfig) -> None:
     ):
         if value < low:
             raise ConfigError(f"{key} must be at least {low}; got {value}")
+
+
+def check_plain_name(key: str, value: object) -> None:
+    """Refuse a name that would not stay one folder below ``runs_root`` (``../x``, ``a/b``, ``..``).
+
+    Run folders are ``<runs_root>/<recipe_name>/<timestamp>``: only ``runs_root`` and an explicit
+    ``run_dir`` say where files go, so a name must not be able to climb out of the root.
+    """
+    text = str(value)
+    if not PLAIN_NAME.fullmatch(text) or ".." in text:
+        raise ConfigError(f"{key}={text!r} must be a plain name (letters, digits, '.', '_', '-', no path separator "
+                          "or '..'): it names a folder under runs_root; use run_dir=... to choose another place")
 
 
 def _check_budgets(cfg: DictConfig) -> None:

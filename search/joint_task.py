@@ -53,13 +53,13 @@ def build_joint(loaded: Any, cfg: DictConfig) -> Any:
     """Reuse gates + mask gates on ``loaded.model`` (a diffusion denoiser) as one SuperNet."""
     from dipgo.report.macs import block_macs
     from dipgo.search.mask_task import calibration_batches
-    from dipgo.search.reuse_task import ReuseTask, calibration_pool
+    from dipgo.search.reuse_task import build_reuse_supernet, calibration_pool
     from dipgo.supernets.joint import JointSuperNet, check_kinds
     from dipgo.supernets.reuse import _example_call
 
     kinds = check_kinds(cfg.supernet.kinds)
     dense = copy.deepcopy(loaded.model).eval()  # unhooked copy: norms, MACs and OBS run on it
-    reuse = ReuseTask().build(loaded, cfg)
+    reuse = build_reuse_supernet(loaded, cfg)
     pool = calibration_pool(loaded, cfg)
     batches = calibration_batches(pool, cfg.data.batch_size, limit=cfg.supernet.mask_calib_items)
     output_fn = plain_sampler(dense, reuse)

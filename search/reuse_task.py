@@ -92,6 +92,33 @@ def reuse_config(cfg: DictConfig, loaded: Any) -> Any:
     )
 
 
+def build_reuse_supernet(loaded: Any, cfg: DictConfig) -> Any:
+    """Reuse gates on ``loaded.model`` (a diffusers UNet or DiT), checked against the data kind;
+    no budget check (a joint search spends the budget across kinds)."""
+    from dipgo.supernets.adapters import UnsupportedModelError
+    from dipgo.supernets.reuse import apply_reuse
+
+    if loaded.kind not in ("diffusion_unet", "diffusion_dit"):
+        raise UnsupportedModelError(
+            f"supernet.kind=reuse needs a diffusion denoiser (a diffusers UNet or DiT), but {loaded.source} "
+            f"is a {loaded.kind} ({type(loaded.model).__name__})"
+        )
+    if cfg.data.kind not in ("diffusion", "prompts"):
+        raise UnsupportedModelError(
+            f"supernet.kind=reuse calibrates on data.kind=diffusion (noise + labels) or prompts (noise + text), not {cfg.data.kind!r}"
+        )
+    if cfg.data.kind == "diffusion" and _text_conditioned(loaded.model):
+        raise UnsupportedModelError(
+            f"{loaded.source} is a text-conditioned {type(loaded.model).__name__}: use data=prompts (noise + prompt embeddings)"
+        )
+    try:
+        example = collate([calibration_pool(loaded, cfg)[0]])  # one item: the shapes MACs are counted at
+    except ValueError as e:  # no text encoders, a bad prompts file: one sentence
+        raise UnsupportedModelError(str(e)) from e
+    example.pop("index")
+    return apply_reuse(loaded.model, reuse_config(cfg, loaded), example)
+
+
 @register_task("reuse")
 class ReuseTask:
     """Timestep feature reuse: one gate per (sampling step, block)."""
@@ -99,28 +126,20 @@ class ReuseTask:
     kind = "reuse"
 
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
-        from dipgo.supernets.adapters import UnsupportedModelError
-        from dipgo.supernets.reuse import apply_reuse
+        """The reuse SuperNet, refused before training (so before any run folder exists) when a
+        target cannot be reached: the floor (every block reused after step 0) is known once the
+        per-block MACs are counted."""
+        from dipgo.postprocess.plan import PlanError
+        from dipgo.postprocess.reuse_plan import check_reachable
 
-        if loaded.kind not in ("diffusion_unet", "diffusion_dit"):
-            raise UnsupportedModelError(
-                f"supernet.kind=reuse needs a diffusion denoiser (a diffusers UNet or DiT), but {loaded.source} "
-                f"is a {loaded.kind} ({type(loaded.model).__name__})"
-            )
-        if cfg.data.kind not in ("diffusion", "prompts"):
-            raise UnsupportedModelError(
-                f"supernet.kind=reuse calibrates on data.kind=diffusion (noise + labels) or prompts (noise + text), not {cfg.data.kind!r}"
-            )
-        if cfg.data.kind == "diffusion" and _text_conditioned(loaded.model):
-            raise UnsupportedModelError(
-                f"{loaded.source} is a text-conditioned {type(loaded.model).__name__}: use data=prompts (noise + prompt embeddings)"
-            )
+        supernet = build_reuse_supernet(loaded, cfg)
         try:
-            example = collate([calibration_pool(loaded, cfg)[0]])  # one item: the shapes MACs are counted at
-        except ValueError as e:  # no text encoders, a bad prompts file: one sentence
-            raise UnsupportedModelError(str(e)) from e
-        example.pop("index")
-        return apply_reuse(loaded.model, reuse_config(cfg, loaded), example)
+            for target in [cfg.search.target, *(cfg.search.get("plan_targets") or [])]:
+                check_reachable(supernet, float(target))
+        except PlanError:
+            supernet.remove()
+            raise
+        return supernet
 
     def datamodule(self, loaded: Any, supernet: Any, cfg: DictConfig) -> Any:
         return CalibrationDataModule(calibration_pool(loaded, cfg), cfg.data.batch_size, cfg.data.steps_per_epoch,

@@ -22,9 +22,9 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from dipgo.postprocess.plan import Plan, write_bytes_atomic, write_json_atomic
 from dipgo.search.budget import budget_plans
-from dipgo.search.compose import ConfigError, load_saved_config, validate_config
+from dipgo.search.compose import ConfigError, check_plain_name, load_saved_config, validate_config
 from dipgo.search.module import SearchModule
-from dipgo.search.progress import StepProgressBar
+from dipgo.search.progress import FirstStepEstimate, StepProgressBar, describe_search
 from dipgo.search.tasks import get_task, load_configured_model
 from dipgo.search.tracking import finish, log_artifacts, log_images, log_summary, make_loggers
 
@@ -60,6 +60,7 @@ def claim_run_dir(cfg: DictConfig, job_dir: Path | None = None) -> Path:
             raise ConfigError(f"run_dir {path} already exists; choose a new folder or use resume={path}")
         path.mkdir(parents=True)
         return path
+    check_plain_name("recipe_name", cfg.recipe_name)  # also for configs that skipped compose_config
     parent = Path(cfg.runs_root) / cfg.recipe_name
     parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -158,6 +159,9 @@ def run_search(
         pool=getattr(datamodule, "pool", None),
         ref_chunk=cfg.data.batch_size,
     )
+    talk = cfg.trainer.enable_progress_bar and not quiet and _launched_rank() == 0 and _spawned_rank_dir() is None
+    if talk:
+        print(describe_search(cfg, loaded, supernet), flush=True)
     loggers = make_loggers(cfg, run_dir, run_name=f"{cfg.recipe_name}/{run_dir.name}")
     checkpoint = ModelCheckpoint(
         dirpath=str(run_dir / CHECKPOINT_DIR),
@@ -178,7 +182,7 @@ def run_search(
         enable_progress_bar=cfg.trainer.enable_progress_bar and not quiet,
         enable_model_summary=False,
         logger=loggers or False,
-        callbacks=[checkpoint, *([StepProgressBar()] if cfg.trainer.enable_progress_bar and not quiet else []), *callbacks],
+        callbacks=[checkpoint, *([StepProgressBar(), FirstStepEstimate()] if talk else []), *callbacks],
         default_root_dir=str(run_dir),
         num_sanity_val_steps=0,
         # the DataModule's StepSampler gives each DDP rank its slice of the global batch itself, so the
