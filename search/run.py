@@ -24,7 +24,7 @@ from dipgo.postprocess.plan import Plan, write_bytes_atomic, write_json_atomic
 from dipgo.search.budget import budget_plans
 from dipgo.search.compose import ConfigError, check_plain_name, load_saved_config, validate_config
 from dipgo.search.module import SearchModule
-from dipgo.search.progress import FirstStepEstimate, StepProgressBar, describe_search
+from dipgo.search.progress import FirstStepEstimate, StepProgressBar, describe_search, format_duration
 from dipgo.search.tasks import get_task, load_configured_model
 from dipgo.search.tracking import finish, log_artifacts, log_images, log_summary, make_loggers
 
@@ -193,6 +193,11 @@ def run_search(
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     search_s = time.perf_counter() - t0
 
+    say = print if talk and trainer.is_global_zero else (lambda *_a, **_k: None)
+    say(f"dipgo search: pruner done in {format_duration(search_s)}; extracting the plan"
+        + (f" and refining it on calibration data (up to {cfg.search.refine.max_evals} hard-plan evaluations)"
+           if cfg.search.refine.enabled else ""), flush=True)
+    t1 = time.perf_counter()
     probs = module.keep_probabilities()
     plan = task.extract_plan(probs, supernet, cfg)
     plan.meta.update({"recipe": cfg.recipe_name, "seed": cfg.seed, "search_seconds": round(search_s, 2)})
@@ -200,7 +205,11 @@ def run_search(
         return RunResult(run_dir, plan, {})
     plan.save(run_dir / "plan.json")
     extra = budget_plans(module, task, supernet, cfg, run_dir)  # budget-conditioned pruners only
+    say(f"dipgo search: plan written in {format_duration(time.perf_counter() - t1)} ({plan.cost_ratio:.1%} kept); "
+        f"measuring it against the full model and {len(cfg.report.baselines)} baseline kinds for the report", flush=True)
+    t2 = time.perf_counter()
     report, plots = task.evaluate(loaded, supernet, plan, cfg, run_dir)
+    say(f"dipgo search: report done in {format_duration(time.perf_counter() - t2)}", flush=True)
     report = {"recipe": cfg.recipe_name, "run_dir": str(run_dir), "search_seconds": round(search_s, 2), **report}
     if extra:
         report["budget_plans"] = {f"{t:g}": {"cost_ratio": p.cost_ratio, "path": f"plans/target_{t:g}.json"} for t, p in extra.items()}
