@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from dipgo.search.compose import ConfigError
+from dipgo.errors import ConfigError
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -88,7 +88,7 @@ def _load_run(run_dir: str | Path) -> tuple[Any, Any, Path]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dipgo.postprocess.plan import write_json_atomic
+    from dipgo.files import write_json_atomic
     from dipgo.search.tasks import get_task
 
     cfg, plan, run_dir = _load_run(args.run_dir)

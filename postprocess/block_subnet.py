@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dipgo.postprocess.plan import Plan, PlanError, read_json, write_json_atomic
-from dipgo.supernets.adapters import UnsupportedModelError
+from dipgo.errors import PlanError, UnsupportedModelError
+from dipgo.files import read_json, write_json_atomic
+from dipgo.postprocess.plan import Plan
 from dipgo.supernets.block import (
     TIMM_COVERAGE,
     block_signatures,

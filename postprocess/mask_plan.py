@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.errors import PlanError
+from dipgo.postprocess.plan import Plan
 from dipgo.supernets.mask import Pattern, weight_matrix
 
 

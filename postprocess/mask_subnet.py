@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dipgo.postprocess.plan import Plan, PlanError, write_bytes_atomic, write_json_atomic
+from dipgo.errors import PlanError
+from dipgo.files import write_bytes_atomic, write_json_atomic
+from dipgo.postprocess.plan import Plan
 from dipgo.postprocess.reconstruct import (
     apply_masks,
     block_masks,

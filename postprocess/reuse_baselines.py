@@ -73,7 +73,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.errors import PlanError
+from dipgo.postprocess.plan import Plan
 from dipgo.postprocess.reuse_plan import check_reachable, extract_reuse_plan
 from dipgo.supernets.reuse import ReuseSuperNet
 

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dipgo.postprocess.plan import Plan, PlanError, read_json, write_json_atomic
+from dipgo.errors import PlanError
+from dipgo.files import read_json, write_json_atomic
+from dipgo.postprocess.plan import Plan
 from dipgo.postprocess.reuse_plan import check_plan_fits
 from dipgo.supernets.adapters import ConsumerGraph, get_reuse_adapter
 from dipgo.supernets.reuse import ReuseHooks, StepState, effective_grid

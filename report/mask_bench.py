@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.errors import PlanError
+from dipgo.postprocess.plan import Plan
 from dipgo.report.latency import compare_latency, speedup
 
 

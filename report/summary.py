@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dipgo.postprocess.plan import write_json_atomic
+from dipgo.files import write_json_atomic
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -135,6 +135,6 @@ def _f(value: Any, spec: str) -> str:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    from dipgo.postprocess.plan import write_bytes_atomic
+    from dipgo.files import write_bytes_atomic
 
     return write_bytes_atomic(path, text.encode())

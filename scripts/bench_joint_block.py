@@ -18,7 +18,7 @@ import tempfile
 import time
 from typing import Any
 
-from dipgo.postprocess.plan import write_json_atomic
+from dipgo.files import write_json_atomic
 
 KIND_SETS: dict[str, str] = {"joint": "[block,mask]", "block": "[block]", "mask": "[mask]"}
 

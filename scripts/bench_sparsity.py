@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dipgo.postprocess.plan import write_json_atomic
+from dipgo.files import write_json_atomic
 
 
 def _overrides(runs_root: str, **kw: Any) -> list[str]:

@@ -76,7 +76,7 @@ def _example(pool: Any, n: int = 1) -> dict[str, torch.Tensor]:
 
 
 def _check_data(loaded: Any, cfg: DictConfig) -> None:
-    from dipgo.supernets.adapters import UnsupportedModelError
+    from dipgo.errors import UnsupportedModelError
 
     if loaded.kind not in KINDS:
         raise UnsupportedModelError(

@@ -19,6 +19,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from dipgo.errors import ConfigError
 from dipgo.search.config import Config, register_configs
 
 CONFIG_MODULE = "dipgo.configs"
@@ -29,10 +30,6 @@ BASELINES: tuple[str, ...] = (
     "magnitude", "wanda", "owl", "sparsegpt",
 )
 GROUPS: tuple[str, ...] = ("model", "supernet", "search", "data", "trainer", "logger", "report", "recipe")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be composed or validated; the message is one sentence for the user."""
 
 
 def list_options(group: str) -> list[str]:

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.errors import PlanError
+from dipgo.postprocess.plan import Plan
 from dipgo.search.data import CalibrationDataModule, collate
 from dipgo.search.joint_common import (
     find_mask_layers,
@@ -51,9 +52,9 @@ def _floor(value: float, digits: int = 6) -> float:
 
 def build_block_joint(loaded: Any, cfg: DictConfig) -> Any:
     """Block gates + mask gates on ``loaded.model`` (classifier or encoder) as one SuperNet."""
+    from dipgo.errors import UnsupportedModelError
     from dipgo.search.block_task import _check_data, _example, calibration_pool, output_fn_for
     from dipgo.search.mask_task import calibration_batches
-    from dipgo.supernets.adapters import UnsupportedModelError
     from dipgo.supernets.block import apply_block_gates
     from dipgo.supernets.joint_block import BlockMaskSuperNet, check_block_kinds, count_module_macs
 

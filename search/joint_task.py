@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.errors import PlanError
+from dipgo.postprocess.plan import Plan
 from dipgo.search.data import CalibrationDataModule, collate
 from dipgo.search.joint_common import (
     find_mask_layers,
@@ -329,7 +330,7 @@ class JointTask:
         return lines
 
     def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict:
-        from dipgo.search.compose import ConfigError
+        from dipgo.errors import ConfigError
 
         raise ConfigError("dipgo bench does not run joint plans yet: their report gives the kept MACs and "
                           "fidelity; unstructured sparsity needs sparse kernels to turn MACs into time")
@@ -338,7 +339,7 @@ class JointTask:
         return []
 
     def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
-        from dipgo.search.compose import ConfigError
+        from dipgo.errors import ConfigError
 
         raise ConfigError("dipgo export does not write joint plans yet; plan.json holds the structural part "
                           "(reuse grid or removed blocks) and the per-layer densities")

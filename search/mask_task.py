@@ -54,9 +54,9 @@ class MaskTask:
     kind = "mask"
 
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
+        from dipgo.errors import UnsupportedModelError
         from dipgo.postprocess.mask_plan import check_mask_target
         from dipgo.search.block_task import _check_data, _example, calibration_pool, output_fn_for
-        from dipgo.supernets.adapters import UnsupportedModelError
         from dipgo.supernets.mask import apply_mask_gates
 
         try:

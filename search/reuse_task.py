@@ -99,7 +99,7 @@ class ReuseTask:
     kind = "reuse"
 
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
-        from dipgo.supernets.adapters import UnsupportedModelError
+        from dipgo.errors import UnsupportedModelError
         from dipgo.supernets.reuse import apply_reuse
 
         if loaded.kind not in ("diffusion_unet", "diffusion_dit"):

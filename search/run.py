@@ -20,9 +20,11 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from dipgo.postprocess.plan import Plan, write_bytes_atomic, write_json_atomic
+from dipgo.errors import ConfigError
+from dipgo.files import write_bytes_atomic, write_json_atomic
+from dipgo.postprocess.plan import Plan
 from dipgo.search.budget import budget_plans
-from dipgo.search.compose import ConfigError, load_saved_config, validate_config
+from dipgo.search.compose import load_saved_config, validate_config
 from dipgo.search.module import SearchModule
 from dipgo.search.progress import StepProgressBar
 from dipgo.search.tasks import get_task, load_configured_model

@@ -20,13 +20,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from dipgo.errors import UnsupportedModelError
+
 BLOCK_ATTRIBUTES: tuple[str, ...] = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "blocks")
 GRANULARITIES: tuple[str, ...] = ("block", "layer")
 MODES: tuple[str, ...] = ("auto", "output", "residual")
-
-
-class UnsupportedModelError(ValueError):
-    """The model has no blocks that the reuse gate kind knows how to cache."""
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from dipgo.errors import UnsupportedModelError
 from dipgo.report.macs import count_macs
-from dipgo.supernets.adapters import UnsupportedModelError
 from dipgo.supernets.gates import GateSlot, freeze
 
 # (model, batch) -> the tensor the distortion compares (logits, pooled embedding...)

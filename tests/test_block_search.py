@@ -10,8 +10,9 @@ import pytest
 import timm
 import torch
 
+from dipgo.errors import PlanError
 from dipgo.postprocess.block_plan import baseline_block_plan, fill_budget, kept_ratio, weight_norm_importance
-from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.postprocess.plan import Plan
 from dipgo.search.compose import compose_config
 from dipgo.search.run import run_search
 
@@ -184,7 +185,7 @@ def test_block_search_on_a_text_encoder_exports_fewer_layers_with_tokenizer(tmp_
 
 
 def test_block_kind_on_a_denoiser_is_refused(tmp_path: Path, tiny_unet_dir: Path) -> None:
-    from dipgo.supernets.adapters import UnsupportedModelError
+    from dipgo.errors import UnsupportedModelError
 
     cfg, _ = compose_config(block_overrides(tiny_unet_dir, tmp_path / "runs", **{"model.subfolder": "unet"}))
     with pytest.raises(UnsupportedModelError, match="needs a classifier"):

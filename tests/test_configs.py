@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from dipgo.search.compose import GROUPS, ConfigError, compose_config, list_options
+from dipgo.errors import ConfigError
+from dipgo.search.compose import GROUPS, compose_config, list_options
 
 
 def _all_group_options() -> list[tuple[str, str]]:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from dipgo.search.compose import ConfigError, compose_config
+from dipgo.errors import ConfigError
+from dipgo.search.compose import compose_config
 from dipgo.search.data import collate
 from dipgo.search.tasks import get_task, load_configured_model
 
@@ -135,7 +136,7 @@ def test_bad_joint_configs_are_refused(tiny_dit_dir: Path, tmp_path: Path, overr
 
 
 def test_joint_needs_a_denoiser(tmp_path: Path) -> None:
-    from dipgo.supernets.adapters import UnsupportedModelError
+    from dipgo.errors import UnsupportedModelError
 
     cfg, _ = compose_config(["supernet=joint", "model=digits_cnn", "data=images", f"runs_root={tmp_path}"])
     with pytest.raises(UnsupportedModelError, match="needs a diffusion denoiser"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from dipgo.postprocess.plan import PlanError
+from dipgo.errors import PlanError
 from dipgo.search.compose import compose_config
 from dipgo.search.data import collate
 from dipgo.search.joint_block import BlockJointTask, subnet_of

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dipgo.errors import ConfigError, PlanError
 from dipgo.postprocess.mask_baselines import MASK_BASELINES, global_density, prune_baseline
 from dipgo.postprocess.mask_plan import extract_mask_plan
 from dipgo.postprocess.mask_subnet import export_mask_subnet, load_mask_subnet, prune_with_plan, to_kernels
-from dipgo.postprocess.plan import PlanError
 from dipgo.postprocess.reconstruct import obs_prune
-from dipgo.search.compose import ConfigError, compose_config
+from dipgo.search.compose import compose_config
 from dipgo.supernets.mask import MaskGateConfig, PatternError, apply_mask_gates, is_valid_nm, parse_pattern
 
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+from dipgo.errors import ConfigError
 from dipgo.postprocess.mask_plan import extract_mask_plan
 from dipgo.postprocess.mask_subnet import prune_with_plan
 from dipgo.postprocess.sds import SDSConfig, SDSError, redense
-from dipgo.search.compose import ConfigError, compose_config
+from dipgo.search.compose import compose_config
 from dipgo.supernets.mask import MaskGateConfig, apply_mask_gates, is_valid_nm, parse_pattern, weight_matrix
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DiTTransformer2DModel, UNet2DModel
 
-from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.errors import PlanError
+from dipgo.postprocess.plan import Plan
 from dipgo.postprocess.reuse_plan import extract_reuse_plan, validate_plan
 from dipgo.postprocess.reuse_subnet import ReuseSubNet, install_plan
 from dipgo.supernets.reuse import ReuseConfig, apply_reuse, remove_reuse
