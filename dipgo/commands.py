@@ -89,14 +89,14 @@ def _load_run(run_dir: str | Path) -> tuple[Any, Any, Path]:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from dipgo.files import write_json_atomic
-    from dipgo.search.tasks import get_task
+    from dipgo.report.kinds import get_reporter
 
     cfg, plan, run_dir = _load_run(args.run_dir)
-    task = get_task(plan.kind)
-    result = task.bench(cfg, plan, runs=args.runs, warmup=args.warmup, batch=args.batch, threads=args.threads)
+    reporter = get_reporter(plan.kind)
+    result = reporter.bench(cfg, plan, runs=args.runs, warmup=args.warmup, batch=args.batch, threads=args.threads)
     out = Path(args.out) if args.out else run_dir / "bench.json"
     write_json_atomic(out, result)
-    for line in task.bench_lines(result):
+    for line in reporter.bench_lines(result):
         print(line)
     print(f"written: {out}")
     return 0

@@ -803,7 +803,7 @@ def measure_cache_variant(model: nn.Module, name: str, trajectory: Callable[[], 
     its FFT approximation is elementwise and uncounted, as in every MAC table), and
     ``executed_fraction`` is executed unit calls / unit calls from forward hooks.
     """
-    from dipgo.report.macs import count_macs
+    from dipgo.measure.macs import count_macs
 
     full, _ = count_macs(trajectory)
     with diffusers_cache_variant(model, name, **params) as variant:

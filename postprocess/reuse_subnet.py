@@ -24,11 +24,12 @@ from torch import nn
 
 from dipgo.errors import PlanError
 from dipgo.files import read_json, write_json_atomic
+from dipgo.models.io import null_class_for
 from dipgo.postprocess.plan import Plan
 from dipgo.postprocess.reuse_plan import check_plan_fits
 from dipgo.supernets.adapters import ConsumerGraph, get_reuse_adapter
 from dipgo.supernets.reuse import ReuseHooks, StepState, effective_grid
-from dipgo.supernets.sampling import make_model_fn, make_scheduler, null_class_for, sample
+from dipgo.supernets.sampling import make_model_fn, make_scheduler, sample
 
 SUBNET_FORMAT = "dipgo.reuse_subnet"
 SUBNET_VERSION = 1

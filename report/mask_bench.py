@@ -11,7 +11,7 @@ kept, so this is the SubNet's speed without minutes of reconstruction. Masked Li
 dropped blocks make :func:`dipgo.kernels.kernel_speedup_expected` say yes run on
 :class:`dipgo.kernels.BlockSparseLinear` (:func:`dipgo.postprocess.mask_subnet.to_kernels`), the
 others stay dense with zeros. Dense and SubNet are timed interleaved in one process
-(:func:`dipgo.report.latency.compare_latency`) on one held-out batch; as a correctness check the
+(:func:`dipgo.measure.latency.compare_latency`) on one held-out batch; as a correctness check the
 kernel SubNet's output is compared with the masked dense model's on that batch (``max_abs_diff``).
 """
 
@@ -24,8 +24,8 @@ import torch
 from omegaconf import DictConfig
 
 from dipgo.errors import PlanError
+from dipgo.measure.latency import compare_latency, speedup
 from dipgo.postprocess.plan import Plan
-from dipgo.report.latency import compare_latency, speedup
 
 
 def plan_masks(supernet: Any, plan: Plan) -> dict[str, torch.Tensor]:
@@ -46,12 +46,11 @@ def plan_masks(supernet: Any, plan: Plan) -> dict[str, torch.Tensor]:
 def bench_mask_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int,
                     threads: int | None) -> dict[str, Any]:
     """Time a saved mask plan's kernel SubNet against the dense model (``dipgo bench``); JSON-able."""
-    from dipgo.postprocess.mask_subnet import masked_density, to_kernels
+    from dipgo.models.configured import load_configured_model
+    from dipgo.postprocess.mask_subnet import kernel_block, masked_density, to_kernels
     from dipgo.postprocess.reconstruct import apply_masks
     from dipgo.report.block_eval import _latency_inputs, eval_data
-    from dipgo.report.mask_eval import kernel_block
     from dipgo.search.mask_task import MaskTask
-    from dipgo.search.tasks import load_configured_model
 
     loaded = load_configured_model(cfg)
     supernet = MaskTask().build(loaded, cfg)

@@ -22,11 +22,11 @@ def _load(path: Path) -> dict[str, Any]:
 
 def single_run_lines(run_dir: Path) -> list[str]:
     """The end-of-search summary of a finished run, read back from its report.json."""
-    from dipgo.search.tasks import get_task
+    from dipgo.report.kinds import get_reporter
 
     report = _load(run_dir)
     lines = [f"run: {run_dir}"]
-    lines += get_task(report.get("kind", "reuse")).summary_lines(report)
+    lines += get_reporter(report.get("kind", "reuse")).summary_lines(report)
     return lines
 
 

@@ -26,11 +26,11 @@ KIND_SETS: dict[str, str] = {"joint": "[block,mask]", "block": "[block]", "mask"
 def use_block_joint_task() -> None:
     """Run every kind set through :class:`BlockJointTask`: ``JointTask`` sends ``[mask]`` alone to the
     denoiser variant until it routes with :func:`dipgo.search.joint_block.routes_here`."""
-    from dipgo.search import tasks
+    from dipgo.search import registry, tasks
     from dipgo.search.joint_block import BlockJointTask
 
     tasks.get_task("joint")  # built-ins registered first, so this entry is not overwritten
-    tasks._TASKS["joint"] = BlockJointTask
+    registry._TASKS["joint"] = BlockJointTask
 
 
 def run_point(recipe: str, target: float, kinds: str, runs_root: str, extra: list[str]) -> dict[str, Any]:

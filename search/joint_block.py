@@ -10,8 +10,9 @@ calibration data (:func:`split_search`): candidate density allocations (the lear
 ``supernet.mask_min_density``, uniform ones from ``supernet.split_densities``, and one uniform
 density with every block kept) each get the blocks the block kind's exact-budget code chooses (and
 refines) on the costs their sparsity leaves, are pruned with OBS reconstruction and scored with the
-search's distortion; the best is pruned for good (OBS + distillation) on that copy. Evaluate: the SubNet (pruned weights, closed blocks removed) against the full
-model on held-out data with the block kind's metrics.
+search's distortion; the best is pruned for good (OBS + distillation) on that copy. The SubNet
+(:func:`subnet_of`): pruned weights, closed blocks removed; its evaluation against the full model
+is the report's part (:mod:`dipgo.report.joint_eval`).
 
 ``supernet.kinds``: ``[block, mask]`` (joint), ``[block]`` or ``[mask]`` on the same code path.
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +32,6 @@ from dipgo.search.data import CalibrationDataModule, collate
 from dipgo.search.joint_common import (
     find_mask_layers,
     install_mask_gates,
-    macs_density,
     prune_mask_part,
     shift_densities,
 )
@@ -53,7 +52,8 @@ def _floor(value: float, digits: int = 6) -> float:
 def build_block_joint(loaded: Any, cfg: DictConfig) -> Any:
     """Block gates + mask gates on ``loaded.model`` (classifier or encoder) as one SuperNet."""
     from dipgo.errors import UnsupportedModelError
-    from dipgo.search.block_task import _check_data, _example, calibration_pool, output_fn_for
+    from dipgo.models.io import output_fn_for
+    from dipgo.search.block_task import _check_data, _example, calibration_pool
     from dipgo.search.mask_task import calibration_batches
     from dipgo.supernets.block import apply_block_gates
     from dipgo.supernets.joint_block import BlockMaskSuperNet, check_block_kinds, count_module_macs
@@ -405,69 +405,6 @@ def subnet_of(sn: Any, plan: Plan) -> torch.nn.Module:
     return remove_blocks(base, block_plan).eval().requires_grad_(False)
 
 
-def evaluate_block_joint(loaded: Any, sn: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
-    """Held-out fidelity of the SubNet (pruned weights + removed blocks) against the full model."""
-    from dipgo.report.block_eval import _Call, eval_data, fidelity, fidelity_key, outputs
-    from dipgo.report.macs import model_macs
-    from dipgo.search.block_task import output_fn_for
-
-    kind = loaded.kind
-    data = eval_data(loaded, cfg)
-    labels = data.get("labels")
-    ref = outputs(sn.dense_model, kind, data)
-    subnet = subnet_of(sn, plan)
-    out = outputs(subnet, kind, data)
-    one = {k: v[:1] for k, v in data.items() if k != "labels"}
-    fn = output_fn_for(kind)
-    dense_macs_ratio = model_macs(_Call(subnet, fn), one) / model_macs(_Call(sn.dense_model, fn), one)
-    rows = [{"name": "dipgo", "cost_ratio": plan.cost_ratio, "removed": plan.meta.get("removed_blocks", []),
-             "dense_macs_ratio": round(dense_macs_ratio, 6), **fidelity(kind, out, ref, labels)},
-            {"name": "full", "cost_ratio": 1.0, "removed": [], "dense_macs_ratio": 1.0,
-             **fidelity(kind, ref, ref, labels)}]
-    mask_meta = plan.meta.get("mask") or {}
-    report = {"kind": "joint", "joint_variant": "block_mask", "kinds": list(sn.kinds), "model": type(sn.model).__name__,
-              "source": loaded.source, "target": plan.target, "cost_ratio": plan.cost_ratio,
-              "cost_split": plan.meta.get("cost_split"), "fidelity_metric": fidelity_key(kind),
-              "eval_items": len(ref), "removed_blocks": plan.meta.get("removed_blocks", []),
-              "mask_density_macs": macs_density(mask_meta), "variants": rows,
-              "refine": {k: v for k, v in plan.meta.get("refine", {}).items() if k != "seed_scores"}}
-    plots = {"joint_plan": _plot(plan, sn, run_dir)} if cfg.report.plots else {}
-    return report, plots
-
-
-def _plot(plan: Plan, sn: Any, run_dir: Path) -> Path:
-    """Per-layer density bars, grey where the layer's block is removed, blocks marked below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dipgo.supernets.joint import layer_units
-
-    keep = plan.compute[0]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    mask = plan.meta.get("mask")
-    if mask:
-        owner = layer_units(mask["layers"], plan.blocks)
-        colors = ["lightgrey" if b >= 0 and not keep[b] else "tab:blue" for b in owner]
-        ax.bar(range(len(mask["density"])), mask["density"], color=colors)
-        ax.set_xticks(range(len(mask["layers"])), mask["layers"], rotation=90, fontsize=5)
-        ax.set(ylabel="kept density", ylim=(0, 1.05))
-    else:
-        ax.bar(range(len(plan.blocks)), [1.0 if k else 0.0 for k in keep], color="tab:green")
-        ax.set_xticks(range(len(plan.blocks)), plan.blocks, rotation=90, fontsize=6)
-        ax.set(ylabel="kept (1) / removed (0)", ylim=(0, 1.05))
-    split = plan.meta.get("cost_split", {})
-    ax.set_title(f"joint plan {'+'.join(plan.meta.get('kinds', []))}: kept MACs {plan.cost_ratio:.3f} "
-                 f"(blocks alone {split.get('block_only', 1):.3f}, sparsity alone {split.get('mask_only', 1):.3f}); "
-                 f"removed {len(plan.meta.get('removed_blocks', []))} of {len(plan.blocks)} blocks (grey)", fontsize=8)
-    fig.tight_layout()
-    path = run_dir / "joint_plan.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 class BlockJointTask:
     """Block + mask gates of a classifier / encoder under one MACs budget (``supernet.kind=joint``)."""
 
@@ -482,25 +419,3 @@ class BlockJointTask:
 
     def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
         return extract_block_joint_plan(probs, supernet, cfg)
-
-    def evaluate(self, loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
-        return evaluate_block_joint(loaded, supernet, plan, cfg, run_dir)
-
-    def summary_lines(self, report: dict[str, Any]) -> list[str]:
-        key = report["fidelity_metric"]
-        row = next(v for v in report["variants"] if v["name"] == "dipgo")
-        full = next((v for v in report["variants"] if v["name"] == "full"), {})
-        split = report.get("cost_split") or {}
-        lines = [f"joint search ({' + '.join(report['kinds'])}) on {report['model']}: kept MACs "
-                 f"{report['cost_ratio']:.3f} (target {report['target']:.3f}); the removed blocks alone would keep "
-                 f"{split.get('block_only', 1):.3f}, the sparsity alone {split.get('mask_only', 1):.3f}",
-                 f"removed blocks: {', '.join(report['removed_blocks']) or '(none)'}"]
-        if key == "accuracy":
-            lines.append(f"held-out ({report['eval_items']} items): accuracy {row['accuracy']:.4f} (full model "
-                         f"{full.get('accuracy', float('nan')):.4f}), agreement {row['agreement']:.4f}, KL {row['kl']:.4f}")
-        else:
-            lines.append(f"held-out ({report['eval_items']} sentences): cosine to the full model {row['cosine']:.4f} "
-                         f"(min {row['cosine_min']:.4f})")
-        if report.get("mask_density_macs") is not None:
-            lines.append(f"masked layers keep {report['mask_density_macs']:.3f} of their MACs")
-        return lines

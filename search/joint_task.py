@@ -6,8 +6,8 @@ blocks, not the tiny per-sample conditioning layers), mask gates whose Wanda nor
 from full trajectories; :class:`dipgo.supernets.joint.JointSuperNet` carries both. Plan: the
 learned densities (fitted to the budget when only ``mask`` is searched), the layers pruned with
 OBS reconstruction on calibration trajectories, then the reuse grid extracted and refined on the
-budget the sparsity left, scored on the pruned weights. Evaluate: held-out noise sampled by the
-full model and by the SubNet (sparse weights + reuse plan): PSNR, SSIM, FD.
+budget the sparsity left, scored on the pruned weights. Evaluation (held-out noise sampled by the
+full model and by the SubNet: PSNR, SSIM, FD) is the report's part (:mod:`dipgo.report.joint_eval`).
 
 ``supernet.kinds`` picks what is searched: ``[reuse, mask]`` (joint), ``[reuse]`` or ``[mask]``:
 the same code path alone, so a benchmark can compare the three at one budget.
@@ -28,11 +28,10 @@ from dipgo.search.data import CalibrationDataModule, collate
 from dipgo.search.joint_common import (
     find_mask_layers,
     install_mask_gates,
-    macs_density,
     prune_mask_part,
     shift_densities,
 )
-from dipgo.search.tasks import register_task
+from dipgo.search.registry import register_task
 
 
 def plain_sampler(model: torch.nn.Module, reuse: Any) -> Any:
@@ -52,7 +51,7 @@ def plain_sampler(model: torch.nn.Module, reuse: Any) -> Any:
 
 def build_joint(loaded: Any, cfg: DictConfig) -> Any:
     """Reuse gates + mask gates on ``loaded.model`` (a diffusion denoiser) as one SuperNet."""
-    from dipgo.report.macs import block_macs
+    from dipgo.measure.macs import block_macs
     from dipgo.search.mask_task import calibration_batches
     from dipgo.search.reuse_task import ReuseTask, calibration_pool
     from dipgo.supernets.joint import JointSuperNet, check_kinds
@@ -217,61 +216,6 @@ def cost_split(joint: Any, grid: Any, densities: list[float]) -> dict[str, float
             "both": round(joint.plan_cost(grid, densities or dense), 4)}
 
 
-def evaluate_joint(loaded: Any, joint: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
-    """Held-out fidelity of the SubNet (sparse weights + reuse plan) against the full model."""
-    from dipgo.report.fidelity import image_fidelity
-    from dipgo.report.reuse_eval import _digits_judge, eval_items
-
-    items = eval_items(loaded, cfg, cfg.report.num_samples, cfg.report.eval_seed)
-    labels = items.get("class_labels")
-    chunk = max(1, int(cfg.data.batch_size) * 4)
-    n = items["noise"].shape[0]
-    parts = [{k: v[a:a + chunk] for k, v in items.items() if isinstance(v, torch.Tensor)} for a in range(0, n, chunk)]
-    ref = torch.cat([joint.reference(b)["output"] for b in parts])
-    sub = torch.cat([joint.sample(b, plan.compute, pruned=joint.pruned_state is not None) for b in parts])
-    judge = _digits_judge(loaded)
-    kw = {"classifier": judge[0], "real_features": judge[1], "labels": labels} if judge is not None else {}
-    fid = image_fidelity(sub, ref, **kw)
-    row = {"name": "dipgo", "cost_ratio": plan.cost_ratio, **{k: float(v) for k, v in fid.items()}}
-    mask_meta = plan.meta.get("mask", {})
-    report = {"kind": "joint", "kinds": list(joint.kinds), "target": plan.target, "cost_ratio": plan.cost_ratio,
-              "cost_split": plan.meta.get("cost_split"), "fidelity_metric": "psnr", "num_samples": n,
-              "mask_density_macs": macs_density(mask_meta), "variants": [row],
-              "refine": {k: v for k, v in plan.meta.get("refine", {}).items() if k != "seed_scores"}}
-    plots = {"joint_plan": _plot(plan, run_dir)}
-    return report, plots
-
-
-def _plot(plan: Plan, run_dir: Path) -> Path:
-    """Reuse grid (steps x units) beside the per-layer densities: where the budget went."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.4]})
-    grid = torch.tensor(plan.compute, dtype=torch.float32).T  # (B, S)
-    axes[0].imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
-    axes[0].set(title="reuse: computed (green) per step", xlabel="sampling step", ylabel="unit")
-    axes[0].set_yticks(range(len(plan.blocks)), plan.blocks, fontsize=6)
-    mask = plan.meta.get("mask")
-    if mask:
-        axes[1].bar(range(len(mask["density"])), mask["density"], color="tab:blue")
-        axes[1].set_xticks(range(len(mask["layers"])), [p.replace("transformer_blocks.", "b") for p in mask["layers"]],
-                           rotation=90, fontsize=5)
-        axes[1].set(title="mask: kept density per layer", ylim=(0, 1.02))
-    else:
-        axes[1].axis("off")
-    split = plan.meta.get("cost_split", {})
-    fig.suptitle(f"joint plan {'+'.join(plan.meta.get('kinds', []))}: kept MACs {plan.cost_ratio:.3f} "
-                 f"(reuse alone {split.get('reuse_only', 1):.3f}, sparsity alone {split.get('mask_only', 1):.3f})")
-    fig.tight_layout()
-    path = run_dir / "joint_plan.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _routes_to_block(cfg: DictConfig) -> bool:
     from dipgo.search.joint_block import routes_here
 
@@ -309,34 +253,6 @@ class JointTask:
         if _routes_to_block(cfg):
             return _block_impl().extract_plan(probs, supernet, cfg)
         return extract_joint_plan(probs, supernet, cfg)
-
-    def evaluate(self, loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
-        if _routes_to_block(cfg):
-            return _block_impl().evaluate(loaded, supernet, plan, cfg, run_dir)
-        return evaluate_joint(loaded, supernet, plan, cfg, run_dir)
-
-    def summary_lines(self, report: dict[str, Any]) -> list[str]:
-        if report.get("joint_variant") == "block_mask":
-            return _block_impl().summary_lines(report)
-        row = report["variants"][0]
-        split = report.get("cost_split") or {}
-        lines = [f"joint search ({' + '.join(report['kinds'])}): kept MACs {report['cost_ratio']:.3f} "
-                 f"(target {report['target']:.3f}); reuse alone would keep {split.get('reuse_only', 1):.3f}, "
-                 f"the sparsity alone {split.get('mask_only', 1):.3f}",
-                 f"fidelity vs the full model on {report['num_samples']} held-out samples: PSNR {row['psnr']:.2f} dB, "
-                 f"SSIM {row['ssim']:.4f}" + (f", FD {row['fd']:.3f} (full model {row['fd_reference']:.3f})" if "fd" in row else "")]
-        if report.get("mask_density_macs") is not None:
-            lines.append(f"masked layers keep {report['mask_density_macs']:.3f} of their MACs")
-        return lines
-
-    def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict:
-        from dipgo.errors import ConfigError
-
-        raise ConfigError("dipgo bench does not run joint plans yet: their report gives the kept MACs and "
-                          "fidelity; unstructured sparsity needs sparse kernels to turn MACs into time")
-
-    def bench_lines(self, result: dict[str, Any]) -> list[str]:
-        return []
 
     def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
         from dipgo.errors import ConfigError

@@ -22,12 +22,14 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
 from dipgo.errors import ConfigError
 from dipgo.files import write_bytes_atomic, write_json_atomic
+from dipgo.models.configured import load_configured_model
 from dipgo.postprocess.plan import Plan
+from dipgo.report.kinds import get_reporter
 from dipgo.search.budget import budget_plans
 from dipgo.search.compose import load_saved_config, validate_config
 from dipgo.search.module import SearchModule
 from dipgo.search.progress import StepProgressBar
-from dipgo.search.tasks import get_task, load_configured_model
+from dipgo.search.tasks import get_task
 from dipgo.search.tracking import finish, log_artifacts, log_images, log_summary, make_loggers
 
 RUN_DIR_ENV = "DIPGO_RUN_DIR"
@@ -198,7 +200,8 @@ def run_search(
         return RunResult(run_dir, plan, {})
     plan.save(run_dir / "plan.json")
     extra = budget_plans(module, task, supernet, cfg, run_dir)  # budget-conditioned pruners only
-    report, plots = task.evaluate(loaded, supernet, plan, cfg, run_dir)
+    reporter = get_reporter(cfg.supernet.kind)
+    report, plots = reporter.evaluate(loaded, supernet, plan, cfg, run_dir)
     report = {"recipe": cfg.recipe_name, "run_dir": str(run_dir), "search_seconds": round(search_s, 2), **report}
     if extra:
         report["budget_plans"] = {f"{t:g}": {"cost_ratio": p.cost_ratio, "path": f"plans/target_{t:g}.json"} for t, p in extra.items()}
@@ -209,7 +212,7 @@ def run_search(
     log_artifacts(loggers, run_dir, [run_dir / "report.json", run_dir / "plan.json", *map(Path, plots.values())],
                   name=f"{cfg.recipe_name}-{run_dir.parent.name}-{run_dir.name}")
     finish(loggers)
-    return RunResult(run_dir, plan, report, task.summary_lines(report))
+    return RunResult(run_dir, plan, report, reporter.summary_lines(report))
 
 
 def _headline(report: dict[str, Any]) -> dict[str, Any]:

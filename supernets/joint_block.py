@@ -23,7 +23,7 @@ nothing more::
     cost       = (outside(d) + sum_b g_b * unit_b(d)) / full
 
 MACs are per forward of one example (batch element), counted by torch's FLOP counter on the
-unhooked model (:func:`dipgo.report.macs.count_macs`), the same counter the block kind uses.
+unhooked model (:func:`dipgo.measure.macs.count_macs`), the same counter the block kind uses.
 ``kinds`` may name one kind only (``("block",)`` or ``("mask",)``): the same machinery searches
 that kind alone, so a benchmark can compare the joint search with each kind at one budget.
 """
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dipgo.report.macs import count_macs
+from dipgo.measure.macs import count_macs
 from dipgo.supernets.block import BlockSuperNet
 from dipgo.supernets.gates import GateSlot
 from dipgo.supernets.joint import check_kinds, layer_units

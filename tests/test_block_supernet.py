@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from dipgo.errors import UnsupportedModelError
+from dipgo.measure.macs import model_macs
 from dipgo.postprocess.block_subnet import make_block_plan, remove_blocks
-from dipgo.report.macs import model_macs
 from dipgo.supernets.block import (
     TIMM_COVERAGE,
     BlockSuperNet,

@@ -10,9 +10,10 @@ import torch
 from omegaconf import DictConfig
 
 from dipgo.errors import ConfigError
+from dipgo.models.configured import load_configured_model
 from dipgo.search.compose import compose_config
 from dipgo.search.data import collate
-from dipgo.search.tasks import get_task, load_configured_model
+from dipgo.search.tasks import get_task
 
 
 @pytest.fixture(scope="module")

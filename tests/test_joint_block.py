@@ -11,10 +11,10 @@ import torch
 from omegaconf import DictConfig
 
 from dipgo.errors import PlanError
+from dipgo.models.configured import load_configured_model
 from dipgo.search.compose import compose_config
 from dipgo.search.data import collate
 from dipgo.search.joint_block import BlockJointTask, subnet_of
-from dipgo.search.tasks import load_configured_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -75,8 +75,8 @@ def _block_only_plan(sn: object, keep: list[bool]) -> object:
 
 
 def test_cost_of_hard_gates_and_densities_is_the_macs_ratio(tmp_path: Path) -> None:
+    from dipgo.measure.macs import count_macs
     from dipgo.postprocess.block_subnet import make_block_plan, remove_blocks
-    from dipgo.report.macs import count_macs
 
     cfg, loaded, sn = build(tmp_path)
     nb, macs = len(sn.blocks), sn._layer_macs.tolist()
@@ -210,7 +210,7 @@ def test_split_search_mask_alone_and_no_split_densities(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kinds", ["[block,mask]", "[block]", "[mask]"])
 def test_cli_search_writes_plan_and_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kinds: str) -> None:
     from dipgo.cli import main
-    from dipgo.search import tasks
+    from dipgo.search import registry, tasks
     from dipgo.search.joint_block import routes_here
 
     tasks.get_task("joint")  # built-in tasks registered
@@ -219,7 +219,7 @@ def test_cli_search_writes_plan_and_report(tmp_path: Path, monkeypatch: pytest.M
         # reaches it once JointTask uses joint_block.routes_here (see the report of this change)
         cfg, _ = compose_config(vit_overrides(tmp_path, **{"supernet.kinds": kinds}))
         assert routes_here(cfg)
-        monkeypatch.setitem(tasks._TASKS, "joint", BlockJointTask)
+        monkeypatch.setitem(registry._TASKS, "joint", BlockJointTask)
     code = main(["search", *vit_overrides(tmp_path, **{"supernet.kinds": kinds})])
     assert code == 0
     run = next((tmp_path / "tiny_joint_block").iterdir())
@@ -254,7 +254,7 @@ def test_block_kinds_refuse_reuse() -> None:
 def test_encoder_hooks_compose_and_subnet_matches(tmp_path: Path) -> None:
     """MiniLM: BertLayer returns tuples; block and mask hooks still compose, and the SubNet with
     blocks removed equals the hard plan on the hooked model."""
-    from dipgo.search.block_task import encoder_output
+    from dipgo.models.io import encoder_output
 
     cfg, _ = compose_config(["recipe=minilm_joint", f"runs_root={tmp_path}", "supernet.mask_calib_items=4",
                              "data.pool_size=8", "data.batch_size=4", "data.max_length=16"])

@@ -11,8 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dipgo.postprocess.mask_plan import extract_mask_plan
-from dipgo.postprocess.mask_subnet import export_mask_subnet, load_mask_subnet, prune_with_plan, to_kernels
-from dipgo.report.mask_eval import kernel_block
+from dipgo.postprocess.mask_subnet import (
+    export_mask_subnet,
+    kernel_block,
+    load_mask_subnet,
+    prune_with_plan,
+    to_kernels,
+)
 from dipgo.supernets.mask import (
     PATTERNS,
     MaskGateConfig,

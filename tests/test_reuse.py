@@ -13,7 +13,7 @@ from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DCon
 from torch import nn
 
 from dipgo.errors import UnsupportedModelError
-from dipgo.report.macs import model_macs
+from dipgo.measure.macs import model_macs
 from dipgo.supernets.adapters import (
     ConsumerGraph,
     ReuseAdapter,

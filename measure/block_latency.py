@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dipgo.files import write_json_atomic
-from dipgo.report.latency import compare_latency
+from dipgo.measure.latency import compare_latency
 
 CACHE_ENV = "DIPGO_CACHE"
 

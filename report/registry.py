@@ -1,0 +1,64 @@
+"""The report's registry: how each gate kind's SubNet is measured, timed and summarised.
+
+The top stage of a search: after the search task (:mod:`dipgo.search.registry`) has built the
+SuperNet and extracted the plan, the reporter of the same kind measures the SubNet against the
+full model and the baselines, writes the plots, and turns a report back into a few lines;
+``dipgo bench`` times a saved plan. Keyed by the same ``kind`` as the tasks, looked up by
+:func:`dipgo.report.kinds.get_reporter` from the entry points (``search/run.py``,
+``dipgo/commands.py``), so that no search or lower-floor module imports the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from omegaconf import DictConfig
+
+from dipgo.models.registry import LoadedModel
+from dipgo.postprocess.plan import Plan
+from dipgo.supernets.gates import SuperNet
+
+
+class Reporter(Protocol):
+    """Everything kind-specific about measuring and describing a SubNet."""
+
+    kind: str
+
+    def evaluate(self, loaded: LoadedModel, supernet: SuperNet, plan: Plan, cfg: DictConfig,
+                 run_dir: Path) -> tuple[dict[str, Any], dict[str, Path]]:
+        """Measure the SubNet against the full model (and baselines); return report + plot paths."""
+        ...
+
+    def summary_lines(self, report: dict[str, Any]) -> list[str]:
+        """A few human-readable lines for the end of ``dipgo search`` and ``dipgo report``."""
+        ...
+
+    def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int,
+              threads: int | None) -> dict[str, Any]:
+        """Time a saved plan's SubNet against its full model (``dipgo bench``); JSON-able."""
+        ...
+
+    def bench_lines(self, result: dict[str, Any]) -> list[str]:
+        """A few human lines for ``dipgo bench``."""
+        ...
+
+
+_REPORTERS: dict[str, Callable[[], Reporter]] = {}
+
+
+def register_reporter(kind: str) -> Callable[[Callable[[], Reporter]], Callable[[], Reporter]]:
+    """Class decorator: ``@register_reporter("reuse")`` measures ``kind=reuse`` plans with the class."""
+
+    def deco(factory: Callable[[], Reporter]) -> Callable[[], Reporter]:
+        _REPORTERS[kind] = factory
+        return factory
+
+    return deco
+
+
+def lookup_reporter(kind: str) -> Reporter:
+    if kind not in _REPORTERS:
+        raise ValueError(f"gate kind {kind!r} has no report yet; available: {', '.join(sorted(_REPORTERS))}")
+    return _REPORTERS[kind]()
