@@ -26,7 +26,7 @@ from dipgo.postprocess.block_subnet import (
 )
 from dipgo.postprocess.plan import Plan
 from dipgo.supernets.block import TIMM_COVERAGE, apply_block_gates
-from tests.test_block_supernet import close, default_closed, tiny_timm
+from tests.conftest import close, default_closed, tiny_timm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

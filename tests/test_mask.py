@@ -154,7 +154,7 @@ def test_search_end_to_end_on_tiny_bert(tmp_path: Path) -> None:
     from transformers import AutoModel
 
     from dipgo.search.run import run_search
-    from tests.test_block_search import tiny_bert_folder
+    from tests.conftest import tiny_bert_folder
 
     folder = tiny_bert_folder(tmp_path)
     overrides = {

@@ -16,7 +16,7 @@ from dipgo.models.configured import load_configured_model
 from dipgo.postprocess.mask_plan import extract_mask_plan
 from dipgo.search.compose import compose_config
 from dipgo.search.mask_task import MaskTask
-from tests.test_block_search import tiny_bert_folder
+from tests.conftest import tiny_bert_folder
 
 
 @pytest.fixture(scope="module")

@@ -130,7 +130,7 @@ def test_config_composes_with_sds_and_old_boolean_still_works() -> None:
 
 
 def test_cli_search_with_sds_writes_report(tmp_path: Path) -> None:
-    from tests.test_block_search import tiny_bert_folder
+    from tests.conftest import tiny_bert_folder
 
     folder = tiny_bert_folder(tmp_path)
     overrides = {
