@@ -90,9 +90,10 @@ def _load_run(run_dir: str | Path) -> tuple[Any, Any, Path]:
 def cmd_bench(args: argparse.Namespace) -> int:
     from dipgo.files import write_json_atomic
     from dipgo.report.kinds import get_reporter
+    from dipgo.search.tasks import get_task
 
     cfg, plan, run_dir = _load_run(args.run_dir)
-    reporter = get_reporter(plan.kind)
+    reporter = get_reporter(plan.kind, get_task(plan.kind, cfg).variant)
     result = reporter.bench(cfg, plan, runs=args.runs, warmup=args.warmup, batch=args.batch, threads=args.threads)
     out = Path(args.out) if args.out else run_dir / "bench.json"
     write_json_atomic(out, result)
@@ -126,7 +127,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists():
         raise ConfigError(f"--out {out} already exists; export never overwrites a folder")
-    path = get_task(plan.kind).export(cfg, plan, out)
+    path = get_task(plan.kind, cfg).export(cfg, plan, out)
     print(f"exported {plan.kind} SubNet to {path}")
     return 0
 

@@ -1,7 +1,7 @@
 """Measure a joint plan: the SubNet (sparse weights + its structural part) against the full model.
 
-Two plan shapes share ``kind="joint"``, as the search task builds them (:mod:`dipgo.search.joint_task`
-routes the config): reuse + mask on a diffusion denoiser (held-out noise sampled by the full
+Two plan shapes share ``kind="joint"``, one per registered search task (:mod:`dipgo.search.joint_task`,
+:mod:`dipgo.search.joint_block_task`), each with its reporter here: reuse + mask on a diffusion denoiser (held-out noise sampled by the full
 model and by the SubNet: PSNR, SSIM, FD) and block + mask on a classifier or encoder (held-out
 data with the block kind's metrics, the closed blocks physically removed). The report says which
 in ``joint_variant`` (``block_mask``; absent for reuse + mask), which is how a saved report is
@@ -26,7 +26,7 @@ from dipgo.report.block_eval import eval_data
 from dipgo.report.plots import block_density_plot, reuse_density_plot
 from dipgo.report.registry import register_reporter
 from dipgo.report.reuse_eval import _digits_judge, eval_items
-from dipgo.search.joint_block import routes_here, subnet_of
+from dipgo.search.joint_block_task import subnet_of
 from dipgo.search.joint_common import macs_density
 from dipgo.supernets.joint import layer_units
 
@@ -135,27 +135,40 @@ def block_summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _refuse_bench() -> None:
+    raise ConfigError("dipgo bench does not run joint plans yet: their report gives the kept MACs and "
+                      "fidelity; unstructured sparsity needs sparse kernels to turn MACs into time")
+
+
 @register_reporter("joint")
 class JointReport:
-    """Joint plans: the reuse + mask or the block + mask variant, as the config routes the search."""
+    """Joint reuse + mask plans of a diffusion denoiser (the default ``joint`` task)."""
 
     kind = "joint"
 
     def evaluate(self, loaded: LoadedModel, supernet: Any, plan: Plan, cfg: DictConfig,
                  run_dir: Path) -> tuple[dict, dict]:
-        if routes_here(cfg):
-            return evaluate_block_joint(loaded, supernet, plan, cfg, run_dir)
         return evaluate_joint(loaded, supernet, plan, cfg, run_dir)
 
     def summary_lines(self, report: dict[str, Any]) -> list[str]:
-        if report.get("joint_variant") == "block_mask":
-            return block_summary_lines(report)
         return reuse_summary_lines(report)
 
     def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int,
               threads: int | None) -> dict[str, Any]:
-        raise ConfigError("dipgo bench does not run joint plans yet: their report gives the kept MACs and "
-                          "fidelity; unstructured sparsity needs sparse kernels to turn MACs into time")
+        _refuse_bench()
+        return {}
 
     def bench_lines(self, result: dict[str, Any]) -> list[str]:
         return []
+
+
+@register_reporter("joint", "block_mask")
+class BlockJointReport(JointReport):
+    """Joint block + mask plans of a classifier or encoder (the ``block_mask`` variant)."""
+
+    def evaluate(self, loaded: LoadedModel, supernet: Any, plan: Plan, cfg: DictConfig,
+                 run_dir: Path) -> tuple[dict, dict]:
+        return evaluate_block_joint(loaded, supernet, plan, cfg, run_dir)
+
+    def summary_lines(self, report: dict[str, Any]) -> list[str]:
+        return block_summary_lines(report)

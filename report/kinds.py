@@ -5,9 +5,10 @@ from __future__ import annotations
 from dipgo.report.registry import Reporter, lookup_reporter
 
 
-def get_reporter(kind: str) -> Reporter:
+def get_reporter(kind: str, variant: str | None = None) -> Reporter:
+    """The reporter of ``kind`` (and of the search task's ``variant``, e.g. joint's ``block_mask``)."""
     _load_builtin_reporters()
-    return lookup_reporter(kind)
+    return lookup_reporter(kind, variant)
 
 
 def _load_builtin_reporters() -> None:

@@ -45,20 +45,24 @@ class Reporter(Protocol):
         ...
 
 
-_REPORTERS: dict[str, Callable[[], Reporter]] = {}
+_REPORTERS: dict[tuple[str, str | None], Callable[[], Reporter]] = {}
 
 
-def register_reporter(kind: str) -> Callable[[Callable[[], Reporter]], Callable[[], Reporter]]:
-    """Class decorator: ``@register_reporter("reuse")`` measures ``kind=reuse`` plans with the class."""
+def register_reporter(kind: str, variant: str | None = None
+                      ) -> Callable[[Callable[[], Reporter]], Callable[[], Reporter]]:
+    """Class decorator: ``@register_reporter("reuse")`` measures ``kind=reuse`` plans with the class;
+    ``variant`` names a task variant of the kind (the search task's ``variant``; a saved report
+    carries it as ``joint_variant``)."""
 
     def deco(factory: Callable[[], Reporter]) -> Callable[[], Reporter]:
-        _REPORTERS[kind] = factory
+        _REPORTERS[(kind, variant)] = factory
         return factory
 
     return deco
 
 
-def lookup_reporter(kind: str) -> Reporter:
-    if kind not in _REPORTERS:
-        raise ValueError(f"gate kind {kind!r} has no report yet; available: {', '.join(sorted(_REPORTERS))}")
-    return _REPORTERS[kind]()
+def lookup_reporter(kind: str, variant: str | None = None) -> Reporter:
+    if (kind, variant) not in _REPORTERS:
+        known = ", ".join(sorted(k if v is None else f"{k} ({v})" for k, v in _REPORTERS))
+        raise ValueError(f"gate kind {kind!r}{f' ({variant})' if variant else ''} has no report yet; available: {known}")
+    return _REPORTERS[(kind, variant)]()

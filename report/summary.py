@@ -26,7 +26,7 @@ def single_run_lines(run_dir: Path) -> list[str]:
 
     report = _load(run_dir)
     lines = [f"run: {run_dir}"]
-    lines += get_reporter(report.get("kind", "reuse")).summary_lines(report)
+    lines += get_reporter(report.get("kind", "reuse"), report.get("joint_variant")).summary_lines(report)
     return lines
 
 

@@ -75,6 +75,7 @@ class BlockTask:
     """Depth pruning: one gate per residual block."""
 
     kind = "block"
+    variant = None
 
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
         from dipgo.postprocess.block_plan import check_block_reachable

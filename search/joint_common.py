@@ -122,3 +122,11 @@ def macs_density(mask_meta: dict[str, Any]) -> float | None:
     macs = torch.tensor(mask_meta["layer_macs"], dtype=torch.float64)
     dens = torch.tensor(mask_meta["density"], dtype=torch.float64)
     return round(float((macs * dens).sum() / macs.sum()), 4)
+
+
+def refuse_joint_export() -> None:
+    """``dipgo export`` of a joint plan (either variant): not written yet, one sentence why."""
+    from dipgo.errors import ConfigError
+
+    raise ConfigError("dipgo export does not write joint plans yet; plan.json holds the structural part "
+                      "(reuse grid or removed blocks) and the per-layer densities")

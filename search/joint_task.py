@@ -29,6 +29,7 @@ from dipgo.search.joint_common import (
     find_mask_layers,
     install_mask_gates,
     prune_mask_part,
+    refuse_joint_export,
     shift_densities,
 )
 from dipgo.search.registry import register_task
@@ -83,10 +84,10 @@ def fit_densities(joint: Any, densities: torch.Tensor, target: float) -> torch.T
     step computed costs ``target``: the mask-only plan, and the floor a joint plan needs."""
     full_grid = [[True] * len(joint.reuse.block_names)] * joint.reuse.num_steps
     lo_d = joint.mask.config.min_density
-    fitted = shift_densities(densities, joint.mask._fixed.to(densities) < 0, lo_d,
+    fitted = shift_densities(densities, joint.mask.fixed_densities.to(densities) < 0, lo_d,
                              lambda d: joint.plan_cost(full_grid, d), target)
     if fitted is None:
-        floor = torch.where(joint.mask._fixed.to(densities) < 0, torch.full_like(densities, lo_d), densities)
+        floor = torch.where(joint.mask.fixed_densities.to(densities) < 0, torch.full_like(densities, lo_d), densities)
         raise PlanError(f"target {target:.3f} is below what weight sparsity alone can reach "
                         f"({joint.plan_cost(full_grid, floor.tolist()):.3f} at the minimum density {lo_d})")
     return fitted
@@ -102,7 +103,7 @@ def mask_candidates(joint: Any, learned: torch.Tensor, cfg: DictConfig) -> dict[
     target = float(cfg.search.target)
     steps, blocks = joint.reuse.num_steps, len(joint.reuse.block_names)
     floor_grid = [[True] * blocks] + [[False] * blocks] * (steps - 1)
-    fixed = joint.mask._fixed.to(learned)
+    fixed = joint.mask.fixed_densities.to(learned)
     learned = learned.clamp(min=float(cfg.supernet.mask_min_density))
     uniform = torch.ones_like(learned)
     if "reuse" not in joint.kinds:
@@ -171,7 +172,7 @@ def extract_joint_plan(probs: torch.Tensor, joint: Any, cfg: DictConfig) -> Plan
     layers pushed to the floor), which the measurement catches.
     """
     target = float(cfg.search.target)
-    joint._set_densities(None)  # the search leaves its last densities installed
+    joint.set_densities(None)  # the search leaves its last densities installed
     g_reuse, learned = joint.split(torch.as_tensor(probs, dtype=torch.float64))
     meta: dict[str, Any] = {"kinds": list(joint.kinds), "model_source": cfg.model.name,
                             "scheduler": cfg.supernet.scheduler, "guidance_scale": cfg.supernet.guidance_scale}
@@ -193,7 +194,7 @@ def extract_joint_plan(probs: torch.Tensor, joint: Any, cfg: DictConfig) -> Plan
                 best = (scores[name], name, dens, joint.pruned_state, pruned)
         _, chosen, densities, joint.pruned_state, pruned_info = best
         meta["mask"] = {"pattern": joint.mask.pattern.name, "layers": list(joint.layers), "density": densities,
-                        "learned_density": _rounded(learned), "layer_macs": joint._layer_macs.tolist(),
+                        "learned_density": _rounded(learned), "layer_macs": joint.layer_macs.tolist(),
                         **pruned_info}
         meta["split_search"] = {"scores": scores, "chosen": chosen}
     if has_reuse:
@@ -216,46 +217,27 @@ def cost_split(joint: Any, grid: Any, densities: list[float]) -> dict[str, float
             "both": round(joint.plan_cost(grid, densities or dense), 4)}
 
 
-def _routes_to_block(cfg: DictConfig) -> bool:
-    from dipgo.search.joint_block import routes_here
-
-    return routes_here(cfg)
-
-
-def _block_impl() -> Any:
-    """The block + mask variant (ViT / CNN / encoder), in :mod:`dipgo.search.joint_block`."""
-    from dipgo.search.joint_block import BlockJointTask
-
-    return BlockJointTask()
-
 
 @register_task("joint")
 class JointTask:
-    """Several gate kinds under one MACs budget: reuse + mask on a diffusion denoiser (here), block +
-    mask on a classifier or encoder (:mod:`dipgo.search.joint_block`), chosen by ``supernet.kinds``."""
+    """Reuse + mask on a diffusion denoiser under one MACs budget: the default ``joint`` task. The
+    block + mask variant for classifiers and encoders (:class:`dipgo.search.joint_block_task.BlockJointTask`)
+    is registered for the configs :func:`~dipgo.search.joint_block_task.routes_here` accepts."""
 
     kind = "joint"
+    variant = None
 
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
-        if _routes_to_block(cfg):
-            return _block_impl().build(loaded, cfg)
         return build_joint(loaded, cfg)
 
     def datamodule(self, loaded: Any, supernet: Any, cfg: DictConfig) -> Any:
         from dipgo.search.reuse_task import calibration_pool
 
-        if _routes_to_block(cfg):
-            return _block_impl().datamodule(loaded, supernet, cfg)
         return CalibrationDataModule(calibration_pool(loaded, cfg), cfg.data.batch_size, cfg.data.steps_per_epoch,
                                      cfg.seed, cfg.data.num_workers)
 
     def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
-        if _routes_to_block(cfg):
-            return _block_impl().extract_plan(probs, supernet, cfg)
         return extract_joint_plan(probs, supernet, cfg)
 
     def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
-        from dipgo.errors import ConfigError
-
-        raise ConfigError("dipgo export does not write joint plans yet; plan.json holds the structural part "
-                          "(reuse grid or removed blocks) and the per-layer densities")
+        refuse_joint_export()

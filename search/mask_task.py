@@ -55,6 +55,7 @@ class MaskTask:
     """Sparsity: one learned density per prunable layer."""
 
     kind = "mask"
+    variant = None
 
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
         from dipgo.errors import UnsupportedModelError

@@ -28,6 +28,7 @@ class Task(Protocol):
     """Everything kind-specific about a search, up to the plan and its exported SubNet."""
 
     kind: str
+    variant: str | None  # None for a kind's default task; else the name its reporter is registered under
 
     def build(self, loaded: LoadedModel, cfg: DictConfig) -> SuperNet:
         """Wrap the loaded model into a SuperNet (raises a one-sentence error if unsupported)."""
@@ -46,21 +47,36 @@ class Task(Protocol):
         ...
 
 
-_TASKS: dict[str, Callable[[], Task]] = {}
+_TASKS: dict[str, Callable[[], Task]] = {}  # the default task of each kind
+_VARIANTS: dict[str, list[tuple[Callable[[DictConfig], bool], Callable[[], Task]]]] = {}
 
 
-def register_task(kind: str) -> Callable[[Callable[[], Task]], Callable[[], Task]]:
-    """Class decorator: ``@register_task("reuse")`` makes ``supernet.kind=reuse`` use the class."""
+def register_task(kind: str, *, when: Callable[[DictConfig], bool] | None = None
+                  ) -> Callable[[Callable[[], Task]], Callable[[], Task]]:
+    """Class decorator: ``@register_task("reuse")`` makes ``supernet.kind=reuse`` use the class.
+
+    ``when``: the class is a variant of ``kind``, used for the configs it accepts (the joint kind:
+    block + mask for classifiers and encoders beside the default reuse + mask for denoisers), so
+    one kind name covers model families whose searches differ, dispatched here and nowhere else.
+    """
 
     def deco(factory: Callable[[], Task]) -> Callable[[], Task]:
-        _TASKS[kind] = factory
+        if when is None:
+            _TASKS[kind] = factory
+        else:
+            _VARIANTS.setdefault(kind, []).append((when, factory))
         return factory
 
     return deco
 
 
-def lookup_task(kind: str) -> Task:
-    """A fresh task of a registered kind (a one-sentence error naming the registered ones)."""
+def lookup_task(kind: str, cfg: DictConfig | None = None) -> Task:
+    """A fresh task of a registered kind: the first variant whose ``when(cfg)`` holds, else the
+    default (a one-sentence error naming the registered kinds)."""
+    if cfg is not None:
+        for when, factory in _VARIANTS.get(kind, []):
+            if when(cfg):
+                return factory()
     if kind not in _TASKS:
         raise ValueError(f"gate kind {kind!r} has no search task yet; available: {', '.join(sorted(_TASKS))}")
     return _TASKS[kind]()

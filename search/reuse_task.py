@@ -78,6 +78,7 @@ class ReuseTask:
     """Timestep feature reuse: one gate per (sampling step, block)."""
 
     kind = "reuse"
+    variant = None
 
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
         from dipgo.errors import UnsupportedModelError

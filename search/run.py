@@ -140,7 +140,7 @@ def run_search(
     if cfg.resume:
         cfg, run_dir, ckpt_path = load_resume(cfg.resume)
     _check_global_batch(cfg)
-    task = get_task(cfg.supernet.kind)
+    task = get_task(cfg.supernet.kind, cfg)
     loaded = load_configured_model(cfg)
     supernet = task.build(loaded, cfg)
     datamodule = task.datamodule(loaded, supernet, cfg)
@@ -200,7 +200,7 @@ def run_search(
         return RunResult(run_dir, plan, {})
     plan.save(run_dir / "plan.json")
     extra = budget_plans(module, task, supernet, cfg, run_dir)  # budget-conditioned pruners only
-    reporter = get_reporter(cfg.supernet.kind)
+    reporter = get_reporter(cfg.supernet.kind, task.variant)
     report, plots = reporter.evaluate(loaded, supernet, plan, cfg, run_dir)
     report = {"recipe": cfg.recipe_name, "run_dir": str(run_dir), "search_seconds": round(search_s, 2), **report}
     if extra:

@@ -6,12 +6,15 @@ of the built-in tasks (lazily: each pulls in its model libraries, diffusers, tim
 
 from __future__ import annotations
 
+from omegaconf import DictConfig
+
 from dipgo.search.registry import Task, lookup_task, registered_kinds
 
 
-def get_task(kind: str) -> Task:
+def get_task(kind: str, cfg: DictConfig | None = None) -> Task:
+    """The task of ``kind`` (the variant ``cfg`` selects, see :func:`dipgo.search.registry.register_task`)."""
     _load_builtin_tasks()
-    return lookup_task(kind)
+    return lookup_task(kind, cfg)
 
 
 def available_tasks() -> list[str]:
@@ -20,4 +23,4 @@ def available_tasks() -> list[str]:
 
 
 def _load_builtin_tasks() -> None:
-    from dipgo.search import block_task, joint_task, mask_task, reuse_task  # noqa: F401
+    from dipgo.search import block_task, joint_block_task, joint_task, mask_task, reuse_task  # noqa: F401

@@ -78,7 +78,7 @@ def test_joint_slots_costs_and_identity(tiny_dit_dir: Path, tmp_path: Path) -> N
     dense_cost = sn.plan_cost(grid, [1.0] * len(sn.layers))
     unit_of = {p: next(b for b, u in enumerate(sn.reuse.block_names) if p.startswith(u + ".")) for p in sn.layers}
     computed = {b: sum(row[b] for row in grid) for b in range(len(sn.reuse.block_names))}
-    saved = sum(0.1 * m * computed[unit_of[p]] for p, m in zip(sn.layers, sn._layer_macs.tolist())) / sn.full_cost()
+    saved = sum(0.1 * m * computed[unit_of[p]] for p, m in zip(sn.layers, sn.layer_macs.tolist())) / sn.full_cost()
     assert dense_cost - sn.plan_cost(grid, [0.9] * len(sn.layers)) == pytest.approx(saved, rel=1e-9)
     sn.remove()
 

@@ -14,7 +14,7 @@ from dipgo.errors import PlanError
 from dipgo.models.configured import load_configured_model
 from dipgo.search.compose import compose_config
 from dipgo.search.data import collate
-from dipgo.search.joint_block import BlockJointTask, subnet_of
+from dipgo.search.joint_block_task import BlockJointTask, subnet_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -79,7 +79,7 @@ def test_cost_of_hard_gates_and_densities_is_the_macs_ratio(tmp_path: Path) -> N
     from dipgo.postprocess.block_subnet import make_block_plan, remove_blocks
 
     cfg, loaded, sn = build(tmp_path)
-    nb, macs = len(sn.blocks), sn._layer_macs.tolist()
+    nb, macs = len(sn.blocks), sn.layer_macs.tolist()
     # the layers' MACs are part of their blocks' MACs (same counter, same example)
     for b, block_macs in zip(sn.blocks, sn._block_macs.tolist()):
         inside = sum(m for p, m in zip(sn.layers, macs) if p.startswith(b + "."))
@@ -161,7 +161,7 @@ def _lopsided_probs(sn: object) -> torch.Tensor:
 
 
 def test_split_search_keeps_the_best_measured_candidate(tmp_path: Path) -> None:
-    from dipgo.search.joint_block import mask_candidates
+    from dipgo.search.joint_block_task import mask_candidates
 
     cfg, loaded, sn = build(tmp_path)
     nb = len(sn.blocks)
@@ -209,18 +209,15 @@ def test_split_search_mask_alone_and_no_split_densities(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kinds", ["[block,mask]", "[block]", "[mask]"])
-def test_cli_search_writes_plan_and_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kinds: str) -> None:
+def test_cli_search_writes_plan_and_report(tmp_path: Path, kinds: str) -> None:
     from dipgo.cli import main
-    from dipgo.search import registry, tasks
-    from dipgo.search.joint_block import routes_here
+    from dipgo.search.joint_block_task import routes_here
+    from dipgo.search.tasks import get_task
 
-    tasks.get_task("joint")  # built-in tasks registered
-    if kinds == "[mask]":
-        # JointTask routes only configs with "block" to BlockJointTask; mask alone on a classifier
-        # reaches it once JointTask uses joint_block.routes_here (see the report of this change)
-        cfg, _ = compose_config(vit_overrides(tmp_path, **{"supernet.kinds": kinds}))
-        assert routes_here(cfg)
-        monkeypatch.setitem(registry._TASKS, "joint", BlockJointTask)
+    # the registry dispatches every kind set on a classifier (mask alone too) to the block + mask task
+    cfg, _ = compose_config(vit_overrides(tmp_path, **{"supernet.kinds": kinds}))
+    assert routes_here(cfg)
+    assert isinstance(get_task("joint", cfg), BlockJointTask)
     code = main(["search", *vit_overrides(tmp_path, **{"supernet.kinds": kinds})])
     assert code == 0
     run = next((tmp_path / "tiny_joint_block").iterdir())

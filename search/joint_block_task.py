@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,8 +34,10 @@ from dipgo.search.joint_common import (
     find_mask_layers,
     install_mask_gates,
     prune_mask_part,
+    refuse_joint_export,
     shift_densities,
 )
+from dipgo.search.registry import register_task
 
 
 def routes_here(cfg: DictConfig) -> bool:
@@ -106,7 +109,7 @@ def fit_densities(sn: Any, densities: torch.Tensor, keep: list[bool], target: fl
     """The learned densities shifted by one constant (clamped, fixed layers untouched) so that the
     plan with blocks ``keep`` costs at most ``target``, as close to it as bisection gets; ``None``
     when even the minimum density does not reach it."""
-    return shift_densities(densities, sn.mask._fixed.to(densities) < 0, sn.mask.config.min_density,
+    return shift_densities(densities, sn.mask.fixed_densities.to(densities) < 0, sn.mask.config.min_density,
                            lambda d: sn.plan_cost(keep, d), target)
 
 
@@ -168,12 +171,12 @@ def relearned(sn: Any, densities: torch.Tensor, learned_keep: list[bool], keep: 
 
     owner = layer_units(sn.layers, sn.blocks)
     stale = torch.tensor([b >= 0 and keep[b] and not learned_keep[b] for b in owner])
-    trusted = torch.tensor([b < 0 or learned_keep[b] for b in owner]) & (sn.mask._fixed.to(densities) < 0)
+    trusted = torch.tensor([b < 0 or learned_keep[b] for b in owner]) & (sn.mask.fixed_densities.to(densities) < 0)
     if not stale.any() or not trusted.any():
         return densities
-    macs = sn._layer_macs.to(densities)
+    macs = sn.layer_macs.to(densities)
     mean = (densities * macs)[trusted].sum() / macs[trusted].sum()
-    free = sn.mask._fixed.to(densities) < 0
+    free = sn.mask.fixed_densities.to(densities) < 0
     return torch.where(stale & free, mean, densities)
 
 
@@ -229,7 +232,7 @@ def mask_candidates(sn: Any, learned: torch.Tensor, learned_keep: list[bool], cf
     """
     target = float(cfg.search.target)
     n_blocks = len(sn.blocks)
-    fixed = sn.mask._fixed.to(learned)
+    fixed = sn.mask.fixed_densities.to(learned)
     learned = torch.where(fixed >= 0, fixed, learned.clamp(min=float(cfg.supernet.mask_min_density), max=1.0))
     ones = torch.where(fixed >= 0, fixed, torch.ones_like(learned))
     out: dict[str, torch.Tensor] = {}
@@ -317,7 +320,7 @@ def split_search(g_block: torch.Tensor, learned: torch.Tensor, learned_keep: lis
     dist_cfg = _dataclass_from(DistortionConfig, cfg.search.distortion)
     batch = _scoring_batch(sn, cfg)
     reference = sn.reference(batch)
-    macs = sn._layer_macs
+    macs = sn.layer_macs
     scores: dict[str, float] = {}
     plans: dict[str, dict[str, Any]] = {}
     seen: list[tuple[list[bool], list[float], str]] = []
@@ -363,7 +366,7 @@ def extract_block_joint_plan(probs: torch.Tensor, sn: Any, cfg: DictConfig) -> P
     from dipgo.supernets.block import block_signatures
 
     target = float(cfg.search.target)
-    sn._set_densities(None)  # the search leaves its last densities installed
+    sn.set_densities(None)  # the search leaves its last densities installed
     g_block, dens = sn.split(torch.as_tensor(probs, dtype=torch.float64))
     n_blocks = len(sn.blocks)
     meta: dict[str, Any] = {"kinds": list(sn.kinds), "model_source": cfg.model.name,
@@ -379,7 +382,7 @@ def extract_block_joint_plan(probs: torch.Tensor, sn: Any, cfg: DictConfig) -> P
         meta.update(chosen_meta)
         meta["mask"] = {"pattern": sn.mask.pattern.name, "layers": list(sn.layers), "density": densities,
                         "learned_density": [round(float(d), 4) for d in dens],
-                        "layer_macs": sn._layer_macs.tolist(), **_set_pruned(sn, densities, cfg, distill=True)}
+                        "layer_macs": sn.layer_macs.tolist(), **_set_pruned(sn, densities, cfg, distill=True)}
     meta["kept_blocks"] = [b for b, k in zip(sn.blocks, keep) if k]
     meta["removed_blocks"] = [b for b, k in zip(sn.blocks, keep) if not k]
     meta["cost_split"] = cost_split(sn, keep, densities)
@@ -405,10 +408,13 @@ def subnet_of(sn: Any, plan: Plan) -> torch.nn.Module:
     return remove_blocks(base, block_plan).eval().requires_grad_(False)
 
 
+@register_task("joint", when=routes_here)
 class BlockJointTask:
-    """Block + mask gates of a classifier / encoder under one MACs budget (``supernet.kind=joint``)."""
+    """Block + mask gates of a classifier / encoder under one MACs budget (``supernet.kind=joint``
+    with ``block`` among ``supernet.kinds``, or ``mask`` alone on images / text)."""
 
     kind = "joint"
+    variant = "block_mask"
 
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
         return build_block_joint(loaded, cfg)
@@ -419,3 +425,6 @@ class BlockJointTask:
 
     def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
         return extract_block_joint_plan(probs, supernet, cfg)
+
+    def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
+        refuse_joint_export()
