@@ -24,7 +24,7 @@ from torch import nn
 
 from dipgo.errors import PlanError
 from dipgo.files import write_bytes_atomic, write_json_atomic
-from dipgo.postprocess.plan import Plan
+from dipgo.postprocess.plan import MaskPayload, Plan
 from dipgo.postprocess.reconstruct import prune_once
 from dipgo.supernets.mask import parse_pattern, weight_matrix
 
@@ -176,5 +176,5 @@ def masked_density(model: nn.Module, layers: list[str]) -> float:
 
 def kernel_block(plan: Plan) -> tuple[int, int]:
     """The block-sparse kernels' block shape for a mask plan: its pattern's block, else 32x32."""
-    p = parse_pattern(plan.meta["pattern"])
+    p = parse_pattern(MaskPayload.from_meta(plan.meta).pattern)
     return (p.block, p.block) if p.kind in ("block", "rowblock") else (32, 32)

@@ -34,7 +34,9 @@ class Plan:
         target: the kept-cost ratio the user asked for.
         cost_ratio: the plan's real kept-cost ratio (MACs of the SubNet / MACs of the full model).
         num_steps: sampling steps the plan was searched for (``reuse`` only).
-        meta: free-form provenance (scheduler, seed, recipe, probabilities...).
+        meta: what the SubNet builders need, read through the typed :attr:`payload` (stored in
+            ``meta`` under the keys plans have always used, so old plan files load unchanged),
+            and free-form provenance (scheduler, seed, recipe, probabilities...).
     """
 
     kind: str
@@ -64,6 +66,13 @@ class Plan:
     def num_closed(self) -> int:
         return sum(not v for row in self.compute for v in row)
 
+    @property
+    def payload(self) -> ReusePayload | BlockPayload | MaskPayload | JointPayload:
+        """The typed part of ``meta`` that this kind's SubNet builder needs."""
+        if self.kind not in PAYLOADS:
+            raise PlanError(f"plan kind {self.kind!r} has no typed payload; known: {', '.join(PAYLOADS)}")
+        return PAYLOADS[self.kind].from_meta(self.meta or {})
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -82,3 +91,87 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> Plan:
         return cls.from_dict(read_json(path, "a plan.json written by `dipgo search`"))
+
+
+# ---- typed payloads ----------------------------------------------------------------------------
+# Each gate kind's SubNet builder reads a small dataclass instead of poking ``meta`` keys; the
+# dataclass is (de)serialised to the very keys plans have always had, so the JSON is unchanged.
+
+
+@dataclass(frozen=True)
+class ReusePayload:
+    """How the reuse units are rebuilt: ``granularity`` (block / layer), the requested ``mode`` and
+    the per-unit ``modes`` the search used (output / residual), checked against the model."""
+
+    granularity: str = "block"
+    mode: str = "auto"
+    modes: list[str] | None = None
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ReusePayload:
+        modes = meta.get("modes")
+        return cls(str(meta.get("granularity", "block")), str(meta.get("mode", "auto")),
+                   None if modes is None else [str(m) for m in modes])
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"granularity": self.granularity, "mode": self.mode, "modes": self.modes}
+
+
+@dataclass(frozen=True)
+class BlockPayload:
+    """The kept blocks are the plan's ``compute`` row; ``signatures`` (class, parameter count per
+    block) tell models with the same block names apart (resnet18 / resnet34)."""
+
+    signatures: dict[str, Any] | None = None
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> BlockPayload:
+        return cls(meta.get("block_signatures"))
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"block_signatures": self.signatures}
+
+
+@dataclass(frozen=True)
+class MaskPayload:
+    """The kept density of every planned layer (in the plan's ``blocks`` order) and the pattern."""
+
+    pattern: str
+    density: list[float]
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> MaskPayload:
+        if "pattern" not in meta or "density" not in meta:
+            raise PlanError("a mask plan needs meta.pattern and meta.density (the kept fraction per layer)")
+        return cls(str(meta["pattern"]), list(meta["density"]))
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"density": self.density, "pattern": self.pattern}
+
+    def pruned(self, layers: list[str]) -> dict[str, float]:
+        """``{layer: density}`` of the layers the plan prunes (density below 1)."""
+        if len(layers) != len(self.density):
+            raise PlanError(f"the mask plan has {len(self.density)} densities for {len(layers)} layers")
+        return {p: d for p, d in zip(layers, self.density) if d < 1.0}
+
+
+@dataclass(frozen=True)
+class JointPayload:
+    """Its parts: the searched ``kinds``, the reuse part (a reuse + mask plan's ``compute`` is the
+    grid), the mask part (stored under ``meta["mask"]`` with its ``layers``, which are not the
+    plan's ``blocks``) and, for block + mask, the kept blocks (the ``compute`` row)."""
+
+    kinds: list[str]
+    reuse: ReusePayload | None = None
+    mask: MaskPayload | None = None
+    mask_layers: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> JointPayload:
+        kinds = [str(k) for k in meta.get("kinds", [])]
+        mask = meta.get("mask") or None
+        return cls(kinds, ReusePayload.from_meta(meta) if "reuse" in kinds else None,
+                   MaskPayload.from_meta(mask) if mask else None, list(mask.get("layers", [])) if mask else [])
+
+
+PAYLOADS: dict[str, Any] = {"reuse": ReusePayload, "block": BlockPayload, "mask": MaskPayload, "joint": JointPayload}

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dipgo.postprocess.plan import Plan
+from dipgo.postprocess.plan import MaskPayload, Plan
 from dipgo.supernets.mask import Pattern, density_mask, parse_pattern, weight_matrix
 
 OutputFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -255,9 +255,10 @@ def prune_once(model: nn.Module, plan: Plan, saliency: dict[str, torch.Tensor],
                distill_lr: float = 1e-4) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """One prune of a copy of ``model``: masks at the plan's densities, OBS update, distillation of
     the kept weights towards ``references`` (the dense model's outputs on ``batches``)."""
-    pattern = parse_pattern(plan.meta["pattern"])
+    payload = MaskPayload.from_meta(plan.meta)
+    pattern = parse_pattern(payload.pattern)
     pruned = copy.deepcopy(model).eval().requires_grad_(False)
-    dens = {p: d for p, d in zip(plan.blocks, plan.meta["density"]) if d < 1.0}
+    dens = payload.pruned(plan.blocks)
     layers = [p for p in plan.blocks if p in dens]
     fixed = block_masks(pruned, layers, dens, pattern, saliency) if pattern.blocked else None
     masks = sequential_reconstruct(pruned, layers, dens, pattern, batches, output_fn, fixed_masks=fixed,

@@ -74,7 +74,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from dipgo.errors import PlanError
-from dipgo.postprocess.plan import Plan
+from dipgo.postprocess.plan import Plan, ReusePayload
 from dipgo.postprocess.reuse_plan import check_reachable, extract_reuse_plan
 from dipgo.supernets.reuse import ReuseSuperNet
 
@@ -106,9 +106,7 @@ def _meta(supernet: ReuseSuperNet, name: str, label: str, params: Mapping[str, A
         "baseline": name,
         "label": label,
         "params": dict(params),
-        "granularity": cfg.granularity,
-        "mode": cfg.mode,
-        "modes": supernet.modes,
+        **ReusePayload(cfg.granularity, cfg.mode, supernet.modes).to_meta(),
         "scheduler": cfg.scheduler,
         "guidance_scale": cfg.guidance_scale,
     }

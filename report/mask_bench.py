@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 
 from dipgo.errors import PlanError
 from dipgo.measure.latency import compare_latency, speedup
-from dipgo.postprocess.plan import Plan
+from dipgo.postprocess.plan import MaskPayload, Plan
 
 
 def plan_masks(supernet: Any, plan: Plan) -> dict[str, torch.Tensor]:
@@ -38,8 +38,9 @@ def plan_masks(supernet: Any, plan: Plan) -> dict[str, torch.Tensor]:
         missing = sorted(set(plan.blocks) ^ set(supernet.layers))
         raise PlanError(f"the plan's layers do not match this model's prunable layers (first difference: "
                         f"{missing[0] if missing else 'the order'}): bench the plan with the config it was searched with")
-    pattern = parse_pattern(plan.meta["pattern"])
-    dens = {p: float(d) for p, d in zip(plan.blocks, plan.meta["density"]) if d < 1.0}
+    payload = MaskPayload.from_meta(plan.meta)
+    pattern = parse_pattern(payload.pattern)
+    dens = {p: float(d) for p, d in payload.pruned(plan.blocks).items()}
     return {p: density_mask(supernet.saliency[p], d, pattern) for p, d in dens.items() if p not in supernet.refused}
 
 
@@ -78,8 +79,8 @@ def bench_mask_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batc
         "kind": "mask",
         "model": type(model).__name__,
         "plan": {"model": plan.model, "source": plan.meta.get("model_source", str(cfg.model.name)),
-                 "pattern": plan.meta["pattern"], "target": plan.target, "selection": plan.meta.get("selection")},
-        "pattern": plan.meta["pattern"],
+                 "pattern": plan.payload.pattern, "target": plan.target, "selection": plan.meta.get("selection")},
+        "pattern": plan.payload.pattern,
         "density": plan.cost_ratio,
         "masked_density": masked_density(masked, list(masks)) if masks else 1.0,
         "kernel_block": list(block),
