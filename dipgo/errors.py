@@ -7,6 +7,8 @@ live here, importing nothing of dipgo, so that catching them never pulls an uppe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class ConfigError(ValueError):
     """A config that cannot be composed or validated; the message is one sentence for the user."""
@@ -35,3 +37,9 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, FileNotFoundError) and exc.filename:
         text = f"no such file or folder: {exc.filename}"
     return " ".join(text.split())
+
+
+def one_of(key: str, value: str, accepted: Sequence[str]) -> None:
+    """Refuse ``key=value`` with a :class:`ConfigError` unless ``value`` is one of ``accepted``."""
+    if value not in accepted:
+        raise ConfigError(f"{key}={value!r} is not supported; accepted: {', '.join(accepted)}")

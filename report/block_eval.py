@@ -24,7 +24,7 @@ from dipgo.measure.macs import OutputCall
 from dipgo.models.configured import model_source
 from dipgo.models.io import outputs
 from dipgo.postprocess.plan import Plan
-from dipgo.report.registry import register_reporter
+from dipgo.report.registry import register_functions
 
 
 def eval_data(loaded: Any, cfg: DictConfig) -> dict[str, torch.Tensor]:
@@ -246,20 +246,4 @@ def exhaustive_subsets(loaded: Any, blocks: list[str], num_removed: int, data: d
     return sorted(rows, key=lambda r: -r[key])
 
 
-@register_reporter("block")
-class BlockReport:
-    """Depth plans: the blocks physically removed, held-out fidelity, interleaved timings."""
-
-    kind = "block"
-
-    def evaluate(self, loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
-        return evaluate_block(loaded, supernet, plan, cfg, run_dir)
-
-    def summary_lines(self, report: dict[str, Any]) -> list[str]:
-        return summary_lines(report)
-
-    def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict:
-        return bench_plan(cfg, plan, runs=runs, warmup=warmup, batch=batch, threads=threads)
-
-    def bench_lines(self, result: dict[str, Any]) -> list[str]:
-        return bench_lines(result)
+register_functions("block", evaluate=evaluate_block, summary_lines=summary_lines, bench=bench_plan, bench_lines=bench_lines)

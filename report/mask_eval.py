@@ -22,7 +22,7 @@ from dipgo.measure.latency import compare_latency, speedup
 from dipgo.postprocess.plan import Plan
 from dipgo.report.mask_bench import bench_lines as mask_bench_lines
 from dipgo.report.mask_bench import bench_mask_plan
-from dipgo.report.registry import register_reporter
+from dipgo.report.registry import register_functions
 from dipgo.search.mask_task import build_subnet, export_subnet
 
 
@@ -70,7 +70,7 @@ def evaluate_mask(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_d
     report = {
         "kind": "mask",
         "model": plan.model,
-        "pattern": plan.meta["pattern"],
+        "pattern": plan.payload.pattern,
         "target_density": plan.target,
         "plan_density": plan.cost_ratio,
         "fidelity_metric": fidelity_key(kind),
@@ -113,21 +113,4 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-@register_reporter("mask")
-class MaskReport:
-    """Mask plans: pruned SubNet vs one-shot baselines, the kernels timed."""
-
-    kind = "mask"
-
-    def evaluate(self, loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
-        return evaluate_mask(loaded, supernet, plan, cfg, run_dir)
-
-    def summary_lines(self, report: dict[str, Any]) -> list[str]:
-        return summary_lines(report)
-
-    def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict:
-        """Dense vs kernel SubNet of ``plan`` (masks from saliency, no reconstruction); see :mod:`dipgo.report.mask_bench`."""
-        return bench_mask_plan(cfg, plan, runs=runs, warmup=warmup, batch=batch, threads=threads)
-
-    def bench_lines(self, result: dict[str, Any]) -> list[str]:
-        return mask_bench_lines(result)
+register_functions("mask", evaluate=evaluate_mask, summary_lines=summary_lines, bench=bench_mask_plan, bench_lines=mask_bench_lines)

@@ -11,6 +11,7 @@ full model and the baselines, writes the plots, and turns a report back into a f
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,6 +60,25 @@ def register_reporter(kind: str, variant: str | None = None
         return factory
 
     return deco
+
+
+@dataclass(frozen=True)
+class FunctionReporter:
+    """A reporter made of a kind's module functions: most kinds need no class of their own."""
+
+    kind: str
+    evaluate: Callable[..., tuple[dict[str, Any], dict[str, Path]]]
+    summary_lines: Callable[[dict[str, Any]], list[str]]
+    bench: Callable[..., dict[str, Any]]
+    bench_lines: Callable[[dict[str, Any]], list[str]]
+
+
+def register_functions(kind: str, *, evaluate: Callable[..., tuple[dict[str, Any], dict[str, Path]]],
+                       summary_lines: Callable[[dict[str, Any]], list[str]], bench: Callable[..., dict[str, Any]],
+                       bench_lines: Callable[[dict[str, Any]], list[str]]) -> None:
+    """Register ``kind``'s reporter from its functions (the signatures of :class:`Reporter`'s methods)."""
+    reporter = FunctionReporter(kind, evaluate, summary_lines, bench, bench_lines)
+    register_reporter(kind)(lambda: reporter)
 
 
 def lookup_reporter(kind: str, variant: str | None = None) -> Reporter:

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from dipgo.measure.latency import compare_latency, speedup
 from dipgo.postprocess.plan import Plan
-from dipgo.report.registry import register_reporter
+from dipgo.report.registry import register_functions
 from dipgo.search.data import map_tensors
 
 DIGITS_SOURCES = ("digits_unet", "digits_dit")
@@ -392,20 +392,4 @@ def bench_lines(result: dict[str, Any]) -> list[str]:
     ]
 
 
-@register_reporter("reuse")
-class ReuseReport:
-    """Reuse plans: sampled from the same noise as the full model and the baselines, timed interleaved."""
-
-    kind = "reuse"
-
-    def evaluate(self, loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
-        return evaluate_reuse(loaded, supernet, plan, cfg, run_dir)
-
-    def summary_lines(self, report: dict[str, Any]) -> list[str]:
-        return summary_lines(report)
-
-    def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict:
-        return bench_plan(cfg, plan, runs=runs, warmup=warmup, batch=batch, threads=threads)
-
-    def bench_lines(self, result: dict[str, Any]) -> list[str]:
-        return bench_lines(result)
+register_functions("reuse", evaluate=evaluate_reuse, summary_lines=summary_lines, bench=bench_plan, bench_lines=bench_lines)

@@ -77,6 +77,9 @@ class BlockTask:
     kind = "block"
     variant = None
 
+    def validate(self, cfg: DictConfig) -> None:
+        """Nothing beyond the checks every kind shares (:func:`dipgo.search.compose.validate_config`)."""
+
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
         from dipgo.postprocess.block_plan import check_block_reachable
         from dipgo.supernets.block import apply_block_gates

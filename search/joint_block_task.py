@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,10 +30,10 @@ from dipgo.errors import PlanError
 from dipgo.postprocess.plan import Plan
 from dipgo.search.data import CalibrationDataModule, collate
 from dipgo.search.joint_common import (
+    JointTaskBase,
     find_mask_layers,
     install_mask_gates,
     prune_mask_part,
-    refuse_joint_export,
     shift_densities,
 )
 from dipgo.search.registry import register_task
@@ -402,18 +401,17 @@ def subnet_of(sn: Any, plan: Plan) -> torch.nn.Module:
     physically removed (a closed gate is exactly the identity, so removal changes nothing else)."""
     from dipgo.postprocess.block_subnet import make_block_plan, remove_blocks
 
-    base = getattr(sn, "pruned_model", None) if plan.meta.get("mask") else None
+    base = getattr(sn, "pruned_model", None) if plan.payload.mask is not None else None
     base = sn.dense_model if base is None else base
     block_plan = make_block_plan(sn.block, plan.compute[0], plan.target)
     return remove_blocks(base, block_plan).eval().requires_grad_(False)
 
 
 @register_task("joint", when=routes_here)
-class BlockJointTask:
+class BlockJointTask(JointTaskBase):
     """Block + mask gates of a classifier / encoder under one MACs budget (``supernet.kind=joint``
     with ``block`` among ``supernet.kinds``, or ``mask`` alone on images / text)."""
 
-    kind = "joint"
     variant = "block_mask"
 
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
@@ -425,6 +423,3 @@ class BlockJointTask:
 
     def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
         return extract_block_joint_plan(probs, supernet, cfg)
-
-    def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
-        refuse_joint_export()

@@ -16,7 +16,6 @@ the same code path alone, so a benchmark can compare the three at one budget.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,10 +25,10 @@ from dipgo.errors import PlanError
 from dipgo.postprocess.plan import Plan
 from dipgo.search.data import CalibrationDataModule, collate
 from dipgo.search.joint_common import (
+    JointTaskBase,
     find_mask_layers,
     install_mask_gates,
     prune_mask_part,
-    refuse_joint_export,
     shift_densities,
 )
 from dipgo.search.registry import register_task
@@ -217,14 +216,12 @@ def cost_split(joint: Any, grid: Any, densities: list[float]) -> dict[str, float
             "both": round(joint.plan_cost(grid, densities or dense), 4)}
 
 
-
 @register_task("joint")
-class JointTask:
+class JointTask(JointTaskBase):
     """Reuse + mask on a diffusion denoiser under one MACs budget: the default ``joint`` task. The
     block + mask variant for classifiers and encoders (:class:`dipgo.search.joint_block_task.BlockJointTask`)
     is registered for the configs :func:`~dipgo.search.joint_block_task.routes_here` accepts."""
 
-    kind = "joint"
     variant = None
 
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
@@ -238,6 +235,3 @@ class JointTask:
 
     def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
         return extract_joint_plan(probs, supernet, cfg)
-
-    def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
-        refuse_joint_export()

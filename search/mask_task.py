@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from dipgo.errors import ConfigError, one_of
 from dipgo.models.configured import load_configured_model
 from dipgo.postprocess.plan import Plan
 from dipgo.search.registry import register_task
@@ -56,6 +57,24 @@ class MaskTask:
 
     kind = "mask"
     variant = None
+
+    def validate(self, cfg: DictConfig) -> None:
+        """search.target is a kept density in (0, 1); pattern / saliency / weighting enumerations, SDS."""
+        from dipgo.postprocess.sds import sds_refusal
+        from dipgo.supernets.mask import PATTERNS
+
+        if not 0.0 < cfg.search.target < 1.0:
+            raise ConfigError(f"supernet.kind=mask needs search.target in (0, 1) (the kept density, 1 - sparsity: "
+                              f"0.5 = 50% sparse); got {cfg.search.target}")
+        one_of("supernet.pattern", cfg.supernet.pattern, PATTERNS)
+        one_of("supernet.saliency", cfg.supernet.saliency, ("magnitude", "wanda"))
+        one_of("supernet.cost_weighting", cfg.supernet.cost_weighting, ("params", "macs"))
+        sds = cfg.supernet.sds
+        problem = sds_refusal(sds.steps, sds.lr, sds.l1, sds.rounds)
+        if problem is not None:
+            raise ConfigError(problem)
+        if cfg.supernet.mask_temperature <= 0:
+            raise ConfigError(f"supernet.mask_temperature must be > 0; got {cfg.supernet.mask_temperature}")
 
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
         from dipgo.errors import UnsupportedModelError

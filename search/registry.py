@@ -30,6 +30,11 @@ class Task(Protocol):
     kind: str
     variant: str | None  # None for a kind's default task; else the name its reporter is registered under
 
+    def validate(self, cfg: DictConfig) -> None:
+        """Refuse (:class:`~dipgo.errors.ConfigError`, one sentence) what only this kind checks;
+        called by :func:`dipgo.search.compose.validate_config` before anything runs."""
+        ...
+
     def build(self, loaded: LoadedModel, cfg: DictConfig) -> SuperNet:
         """Wrap the loaded model into a SuperNet (raises a one-sentence error if unsupported)."""
         ...

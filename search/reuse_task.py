@@ -80,6 +80,9 @@ class ReuseTask:
     kind = "reuse"
     variant = None
 
+    def validate(self, cfg: DictConfig) -> None:
+        """Nothing beyond the checks every kind shares (:func:`dipgo.search.compose.validate_config`)."""
+
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
         from dipgo.errors import UnsupportedModelError
         from dipgo.supernets.reuse import apply_reuse
