@@ -138,14 +138,14 @@ def finetuned(model: nn.Module, supernet: Any, plan: Plan, cfg: DictConfig, run_
     from pytorch_lightning.loggers import CSVLogger
 
     from dipgo.losses.distortion import DistortionConfig
+    from dipgo.search.config import config_of
     from dipgo.search.finetune import FinetuneConfig, finetune_subnet
-    from dipgo.search.module import _dataclass_from
 
-    ft = _dataclass_from(FinetuneConfig, cfg.search.finetune)
+    ft = config_of(FinetuneConfig, cfg.search.finetune)
     accelerator = "gpu" if cfg.trainer.accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
     logger = CSVLogger(str(run_dir), name="logs", version="finetune") if cfg.logger.csv else False
     return finetune_subnet(model, plan, supernet.calibration_pool, supernet.output_fn,
-                           _dataclass_from(DistortionConfig, cfg.search.distortion), ft,
+                           config_of(DistortionConfig, cfg.search.distortion), ft,
                            accelerator=accelerator, seed=cfg.seed, logger=logger)
 
 

@@ -130,10 +130,10 @@ def refine(plan: Plan, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> P
     from dipgo.losses.distortion import DistortionConfig, distortion
     from dipgo.postprocess.block_plan import BLOCK_BASELINES, baseline_block_plan, refine_block_keep
     from dipgo.postprocess.block_subnet import make_block_plan
+    from dipgo.search.config import config_of
     from dipgo.search.data import collate
-    from dipgo.search.module import _dataclass_from
 
-    dist_cfg = _dataclass_from(DistortionConfig, cfg.search.distortion)
+    dist_cfg = config_of(DistortionConfig, cfg.search.distortion)
     pool = supernet.calibration_pool
     items = [pool[i] for i in range(min(cfg.search.refine.batch, len(pool)))]
     batch = {k: v for k, v in collate(items).items() if k != "index"}

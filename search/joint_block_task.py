@@ -124,9 +124,9 @@ def refine_blocks(keep: list[bool], probs: list[float], costs: list[float], tota
         refine_block_keep,
         weight_norm_importance,
     )
-    from dipgo.search.module import _dataclass_from
+    from dipgo.search.config import config_of
 
-    dist_cfg = _dataclass_from(DistortionConfig, cfg.search.distortion)
+    dist_cfg = config_of(DistortionConfig, cfg.search.distortion)
     pool = sn.calibration_pool
     batch = {k: v for k, v in collate([pool[i] for i in range(min(cfg.search.refine.batch, len(pool)))]).items()
              if k != "index"}
@@ -186,10 +186,10 @@ def reopen_blocks(keep: list[bool], densities: torch.Tensor, learned_keep: list[
     when the distortion on calibration data (saliency masks at the densities) drops. Blocks cost
     a sixth of a small model each, so the block part alone is too coarse to spend a budget well."""
     from dipgo.losses.distortion import DistortionConfig, distortion
-    from dipgo.search.module import _dataclass_from
+    from dipgo.search.config import config_of
 
     target = float(cfg.search.target)
-    dist_cfg = _dataclass_from(DistortionConfig, cfg.search.distortion)
+    dist_cfg = config_of(DistortionConfig, cfg.search.distortion)
     pool = sn.calibration_pool
     batch = {k: v for k, v in collate([pool[i] for i in range(min(cfg.search.refine.batch, len(pool)))]).items()
              if k != "index"}
@@ -313,10 +313,10 @@ def split_search(g_block: torch.Tensor, learned: torch.Tensor, learned_keep: lis
     import time
 
     from dipgo.losses.distortion import DistortionConfig, distortion
-    from dipgo.search.module import _dataclass_from
+    from dipgo.search.config import config_of
 
     t0 = time.perf_counter()
-    dist_cfg = _dataclass_from(DistortionConfig, cfg.search.distortion)
+    dist_cfg = config_of(DistortionConfig, cfg.search.distortion)
     batch = _scoring_batch(sn, cfg)
     reference = sn.reference(batch)
     macs = sn.layer_macs
