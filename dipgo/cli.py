@@ -11,6 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from dipgo.errors import one_line, user_errors
+
 EXIT_USAGE = 2
 
 SEARCH_EPILOG_HEAD = """\
@@ -20,16 +22,6 @@ resume=<run dir> continues an interrupted search from its last checkpoint.
 -m/--multirun sweeps comma lists (search.target=0.2,0.3 seed=0,1) into <runs_root>/<recipe>/sweep-<time>/<i>/;
 hydra/launcher=submitit_local|submitit_slurm|dipgo_slurm runs the points as jobs (pip install hydra-submitit-launcher).
 """
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is meant for the user (one sentence, exit 2)."""
-    from dipgo.models.registry import ModelLoadError
-    from dipgo.postprocess.plan import PlanError
-    from dipgo.search.compose import ConfigError
-    from dipgo.supernets.adapters import UnsupportedModelError
-
-    return (ConfigError, ModelLoadError, PlanError, UnsupportedModelError, FileNotFoundError)
 
 
 def _search_epilog() -> str:
@@ -101,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return getattr(commands, f"cmd_{args.command}")(args)
     except user_errors() as exc:
-        print(f"dipgo {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"dipgo {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"dipgo {args.command}: interrupted", file=sys.stderr)
@@ -119,13 +111,6 @@ def _quiet_library_noise() -> None:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage() and "TPU available" not in record.getMessage()
     )
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, FileNotFoundError) and exc.filename:
-        text = f"no such file or folder: {exc.filename}"
-    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from dipgo.search.compose import ConfigError
+from dipgo.errors import ConfigError
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -88,15 +88,16 @@ def _load_run(run_dir: str | Path) -> tuple[Any, Any, Path]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from dipgo.postprocess.plan import write_json_atomic
+    from dipgo.files import write_json_atomic
+    from dipgo.report.kinds import get_reporter
     from dipgo.search.tasks import get_task
 
     cfg, plan, run_dir = _load_run(args.run_dir)
-    task = get_task(plan.kind)
-    result = task.bench(cfg, plan, runs=args.runs, warmup=args.warmup, batch=args.batch, threads=args.threads)
+    reporter = get_reporter(plan.kind, get_task(plan.kind, cfg).variant)
+    result = reporter.bench(cfg, plan, runs=args.runs, warmup=args.warmup, batch=args.batch, threads=args.threads)
     out = Path(args.out) if args.out else run_dir / "bench.json"
     write_json_atomic(out, result)
-    for line in task.bench_lines(result):
+    for line in reporter.bench_lines(result):
         print(line)
     print(f"written: {out}")
     return 0
@@ -126,7 +127,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists():
         raise ConfigError(f"--out {out} already exists; export never overwrites a folder")
-    path = get_task(plan.kind).export(cfg, plan, out)
+    path = get_task(plan.kind, cfg).export(cfg, plan, out)
     print(f"exported {plan.kind} SubNet to {path}")
     return 0
 

@@ -2,7 +2,7 @@
 
 ``scripts/bench_kernels.py`` is the command line; this module holds the logic so that tests and
 post-processing can call it. Every ratio is a median of interleaved runs in one process
-(:func:`dipgo.report.latency.compare_latency`): dense, ours and torch BSR alternate call by call.
+(:func:`dipgo.measure.latency.compare_latency`): dense, ours and torch BSR alternate call by call.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dipgo.kernels import native
 from dipgo.kernels.layout import DEFAULT_BLOCK, BlockSparseWeight, block_mask_from_scores, check_block
 from dipgo.kernels.ops import block_sparse_linear
 from dipgo.kernels.reference import activate, reference_block_sparse_linear
-from dipgo.report.latency import compare_latency
+from dipgo.measure.latency import compare_latency
 
 # GitHub issue 5: speed-up over dense F.linear at 2 threads the CPU kernel must reach.
 TARGET_SPEEDUPS = {0.5: 1.5, 0.7: 2.5, 0.9: 6.0}

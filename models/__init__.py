@@ -4,11 +4,11 @@
 ``.model``, ``.kind``, ``.scheduler``, ``.tokenizer`` and ``.extra``.
 """
 
+from dipgo.errors import ModelLoadError
 from dipgo.models.digits import digits_tensors, sample_digits, to_unit_range
 from dipgo.models.registry import (
     REFERENCE_DIR,
     LoadedModel,
-    ModelLoadError,
     digits_classifier_features,
     load_digits_classifier,
     load_minilm,

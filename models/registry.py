@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dipgo.errors import ModelLoadError
+
 __all__ = [
     "LoadedModel",
     "ModelLoadError",
@@ -55,10 +57,6 @@ _DENOISER_SUBFOLDERS = {"unet": "diffusion_unet", "transformer": "diffusion_dit"
 TEXT_PARTS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
 PIPELINE_PARTS = (*TEXT_PARTS, "vae")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class ModelLoadError(ValueError):
-    """A model name, path or hub id that cannot be loaded; the message is one sentence."""
 
 
 @dataclass

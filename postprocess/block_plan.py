@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.errors import PlanError
+from dipgo.postprocess.plan import Plan
 
 BLOCK_BASELINES: tuple[str, ...] = ("weight_norm", "drop_last", "random")
 

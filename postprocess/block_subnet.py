@@ -30,8 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dipgo.postprocess.plan import Plan, PlanError, read_json, write_json_atomic
-from dipgo.supernets.adapters import UnsupportedModelError
+from dipgo.errors import PlanError, UnsupportedModelError
+from dipgo.files import read_json, write_json_atomic
+from dipgo.postprocess.plan import BlockPayload, Plan
 from dipgo.supernets.block import (
     TIMM_COVERAGE,
     block_signatures,
@@ -125,7 +126,7 @@ def make_block_plan(supernet: Any, keep: Sequence[bool], target: float | None = 
         raise PlanError(f"keep mask has {len(keep)} entries for {len(supernet.blocks)} blocks")
     removed = sum(s.cost for s, k in zip(supernet.slots, keep) if not k)
     ratio = 1.0 - removed / supernet.full_cost()
-    info = {"block_signatures": block_signatures(supernet.model, supernet.blocks), **(meta or {})}
+    info = {**BlockPayload(block_signatures(supernet.model, supernet.blocks)).to_meta(), **(meta or {})}
     return Plan(kind="block", model=type(supernet.model).__name__, blocks=list(supernet.blocks),
                 compute=[[bool(k) for k in keep]], target=float(ratio if target is None else target),
                 cost_ratio=round(ratio, 6), meta=info)
@@ -156,7 +157,7 @@ def check_plan_matches(model: nn.Module, plan: Plan) -> None:
     for path in plan.blocks:
         if _get(model, path) is None:
             raise PlanError(f"plan block {path!r} does not exist in this {cls}: the plan is for another architecture")
-    signatures = plan.meta.get("block_signatures")
+    signatures = BlockPayload.from_meta(plan.meta).signatures
     if signatures:
         _check_signatures(model, plan.blocks, signatures)
     else:

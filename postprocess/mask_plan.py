@@ -1,7 +1,7 @@
 """Mask plans: per-layer densities whose weighted mean is exactly the global target.
 
 ``plan.blocks`` are the layer paths, ``plan.compute[0][i]`` is ``True`` when layer ``i`` stays
-dense (a refused pattern, or density 1), ``plan.meta["density"]`` the kept fraction per layer,
+dense (a refused pattern, or density 1), ``plan.payload.density`` (``meta["density"]``) the kept fraction per layer,
 ``plan.meta["refused"]`` the one-sentence reason per layer left dense. ``plan.target`` and
 ``plan.cost_ratio`` are global densities (1 - sparsity), weighted by the slots' costs.
 
@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.errors import PlanError
+from dipgo.postprocess.plan import MaskPayload, Plan
 from dipgo.supernets.mask import Pattern, weight_matrix
 
 
@@ -119,7 +120,7 @@ def layer_units(supernet: Any) -> list[int]:
 def make_mask_plan(supernet: Any, densities: list[float], target: float, meta: dict[str, Any] | None = None) -> Plan:
     costs = [s.cost for s in supernet.slots]
     ratio = sum(d * c for d, c in zip(densities, costs)) / sum(costs)
-    info = {"density": [round(float(d), 6) for d in densities], "pattern": supernet.pattern.name,
+    info = {**MaskPayload(supernet.pattern.name, [round(float(d), 6) for d in densities]).to_meta(),
             "saliency": supernet.config.saliency, "cost_weighting": supernet.config.cost_weighting,
             "refused": dict(supernet.refused), **(meta or {})}
     return Plan(kind="mask", model=type(supernet.model).__name__, blocks=list(supernet.layers),

@@ -14,7 +14,6 @@ rebuilds it without pickle.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -23,13 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from dipgo.postprocess.plan import Plan, PlanError, write_bytes_atomic, write_json_atomic
-from dipgo.postprocess.reconstruct import (
-    apply_masks,
-    block_masks,
-    distill_kept_weights,
-    sequential_reconstruct,
-)
+from dipgo.errors import PlanError
+from dipgo.files import write_bytes_atomic, write_json_atomic
+from dipgo.postprocess.plan import MaskPayload, Plan
+from dipgo.postprocess.reconstruct import prune_once
 from dipgo.supernets.mask import parse_pattern, weight_matrix
 
 OutputFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -71,27 +67,6 @@ def prune_with_plan(model: nn.Module, plan: Plan, saliency: dict[str, torch.Tens
         stages["before_sds"] = (pruned, masks)
     return sds_prune(model, pruned, masks, plan, batches, output_fn, conf, references=refs, norms=norms,
                      reconstruct=reconstruct, distill_steps=distill_steps, distill_lr=distill_lr)
-
-
-def prune_once(model: nn.Module, plan: Plan, saliency: dict[str, torch.Tensor],
-               batches: list[dict[str, torch.Tensor]], output_fn: OutputFn,
-               references: list[torch.Tensor] | None, *, reconstruct: bool = True, distill_steps: int = 0,
-               distill_lr: float = 1e-4) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """One prune of a copy of ``model``: masks at the plan's densities, OBS update, distillation of
-    the kept weights towards ``references`` (the dense model's outputs on ``batches``)."""
-    pattern = parse_pattern(plan.meta["pattern"])
-    pruned = copy.deepcopy(model).eval().requires_grad_(False)
-    dens = {p: d for p, d in zip(plan.blocks, plan.meta["density"]) if d < 1.0}
-    layers = [p for p in plan.blocks if p in dens]
-    fixed = block_masks(pruned, layers, dens, pattern, saliency) if pattern.blocked else None
-    masks = sequential_reconstruct(pruned, layers, dens, pattern, batches, output_fn, fixed_masks=fixed,
-                                   update=reconstruct)
-    if distill_steps > 0:
-        if references is None:
-            raise ValueError("prune_once: distillation needs the dense model's outputs (references)")
-        distill_kept_weights(pruned, masks, batches, references, output_fn, steps=distill_steps, lr=distill_lr)
-    apply_masks(pruned, masks)
-    return pruned, masks
 
 
 def block_sparsity(mask: torch.Tensor, block: tuple[int, int]) -> float:
@@ -197,3 +172,9 @@ def masked_density(model: nn.Module, layers: list[str]) -> float:
         nz += int((w != 0).sum())
         total += w.numel()
     return nz / max(total, 1)
+
+
+def kernel_block(plan: Plan) -> tuple[int, int]:
+    """The block-sparse kernels' block shape for a mask plan: its pattern's block, else 32x32."""
+    p = parse_pattern(MaskPayload.from_meta(plan.meta).pattern)
+    return (p.block, p.block) if p.kind in ("block", "rowblock") else (32, 32)

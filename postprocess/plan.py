@@ -11,18 +11,14 @@ Row 0 is always all ``True`` (nothing to reuse yet).
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dipgo.errors import PlanError
+from dipgo.files import read_json, write_json_atomic
+
 PLAN_VERSION = 1
-
-
-class PlanError(ValueError):
-    """A plan that is malformed or does not fit the model it is applied to."""
 
 
 @dataclass
@@ -38,7 +34,9 @@ class Plan:
         target: the kept-cost ratio the user asked for.
         cost_ratio: the plan's real kept-cost ratio (MACs of the SubNet / MACs of the full model).
         num_steps: sampling steps the plan was searched for (``reuse`` only).
-        meta: free-form provenance (scheduler, seed, recipe, probabilities...).
+        meta: what the SubNet builders need, read through the typed :attr:`payload` (stored in
+            ``meta`` under the keys plans have always used, so old plan files load unchanged),
+            and free-form provenance (scheduler, seed, recipe, probabilities...).
     """
 
     kind: str
@@ -68,6 +66,13 @@ class Plan:
     def num_closed(self) -> int:
         return sum(not v for row in self.compute for v in row)
 
+    @property
+    def payload(self) -> ReusePayload | BlockPayload | MaskPayload | JointPayload:
+        """The typed part of ``meta`` that this kind's SubNet builder needs."""
+        if self.kind not in PAYLOADS:
+            raise PlanError(f"plan kind {self.kind!r} has no typed payload; known: {', '.join(PAYLOADS)}")
+        return PAYLOADS[self.kind].from_meta(self.meta or {})
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -88,38 +93,85 @@ class Plan:
         return cls.from_dict(read_json(path, "a plan.json written by `dipgo search`"))
 
 
-def read_json(path: str | Path, expected: str) -> Any:
-    """Read a JSON artifact, or raise :class:`PlanError` saying what was expected there."""
-    path = Path(path)
-    if not path.is_file():
-        raise PlanError(f"nothing at {path}: expected {expected}")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+# ---- typed payloads ----------------------------------------------------------------------------
+# Each gate kind's SubNet builder reads a small dataclass instead of poking ``meta`` keys; the
+# dataclass is (de)serialised to the very keys plans have always had, so the JSON is unchanged.
 
 
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write JSON so that readers see either the old file or the complete new one, never half.
+@dataclass(frozen=True)
+class ReusePayload:
+    """How the reuse units are rebuilt: ``granularity`` (block / layer), the requested ``mode`` and
+    the per-unit ``modes`` the search used (output / residual), checked against the model."""
 
-    Writes to a temporary file in the same folder, fsyncs, then ``os.replace``s it.
-    """
-    return write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+    granularity: str = "block"
+    mode: str = "auto"
+    modes: list[str] | None = None
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> ReusePayload:
+        modes = meta.get("modes")
+        return cls(str(meta.get("granularity", "block")), str(meta.get("mode", "auto")),
+                   None if modes is None else [str(m) for m in modes])
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"granularity": self.granularity, "mode": self.mode, "modes": self.modes}
 
 
-def write_bytes_atomic(path: str | Path, payload: bytes) -> Path:
-    """Atomic write of raw bytes (same-folder temp file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+@dataclass(frozen=True)
+class BlockPayload:
+    """The kept blocks are the plan's ``compute`` row; ``signatures`` (class, parameter count per
+    block) tell models with the same block names apart (resnet18 / resnet34)."""
+
+    signatures: dict[str, Any] | None = None
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> BlockPayload:
+        return cls(meta.get("block_signatures"))
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"block_signatures": self.signatures}
+
+
+@dataclass(frozen=True)
+class MaskPayload:
+    """The kept density of every planned layer (in the plan's ``blocks`` order) and the pattern."""
+
+    pattern: str
+    density: list[float]
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> MaskPayload:
+        if "pattern" not in meta or "density" not in meta:
+            raise PlanError("a mask plan needs meta.pattern and meta.density (the kept fraction per layer)")
+        return cls(str(meta["pattern"]), list(meta["density"]))
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"density": self.density, "pattern": self.pattern}
+
+    def pruned(self, layers: list[str]) -> dict[str, float]:
+        """``{layer: density}`` of the layers the plan prunes (density below 1)."""
+        if len(layers) != len(self.density):
+            raise PlanError(f"the mask plan has {len(self.density)} densities for {len(layers)} layers")
+        return {p: d for p, d in zip(layers, self.density) if d < 1.0}
+
+
+@dataclass(frozen=True)
+class JointPayload:
+    """Its parts: the searched ``kinds``, the reuse part (a reuse + mask plan's ``compute`` is the
+    grid), the mask part (stored under ``meta["mask"]`` with its ``layers``, which are not the
+    plan's ``blocks``) and, for block + mask, the kept blocks (the ``compute`` row)."""
+
+    kinds: list[str]
+    reuse: ReusePayload | None = None
+    mask: MaskPayload | None = None
+    mask_layers: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> JointPayload:
+        kinds = [str(k) for k in meta.get("kinds", [])]
+        mask = meta.get("mask") or None
+        return cls(kinds, ReusePayload.from_meta(meta) if "reuse" in kinds else None,
+                   MaskPayload.from_meta(mask) if mask else None, list(mask.get("layers", [])) if mask else [])
+
+
+PAYLOADS: dict[str, Any] = {"reuse": ReusePayload, "block": BlockPayload, "mask": MaskPayload, "joint": JointPayload}

@@ -17,13 +17,15 @@ outputs on calibration data (masks fixed): the distillation half of the loss.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from dipgo.supernets.mask import Pattern, density_mask, weight_matrix
+from dipgo.postprocess.plan import MaskPayload, Plan
+from dipgo.supernets.mask import Pattern, density_mask, parse_pattern, weight_matrix
 
 OutputFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
@@ -245,3 +247,25 @@ def block_masks(model: nn.Module, layers: list[str], densities: dict[str, float]
     most salient column blocks in every block-row (:func:`~dipgo.supernets.mask.rowblock_mask`).
     """
     return {p: density_mask(saliency[p], densities[p], pattern) for p in layers if densities.get(p, 1.0) < 1.0}
+
+
+def prune_once(model: nn.Module, plan: Plan, saliency: dict[str, torch.Tensor],
+               batches: list[dict[str, torch.Tensor]], output_fn: OutputFn,
+               references: list[torch.Tensor] | None, *, reconstruct: bool = True, distill_steps: int = 0,
+               distill_lr: float = 1e-4) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """One prune of a copy of ``model``: masks at the plan's densities, OBS update, distillation of
+    the kept weights towards ``references`` (the dense model's outputs on ``batches``)."""
+    payload = MaskPayload.from_meta(plan.meta)
+    pattern = parse_pattern(payload.pattern)
+    pruned = copy.deepcopy(model).eval().requires_grad_(False)
+    dens = payload.pruned(plan.blocks)
+    layers = [p for p in plan.blocks if p in dens]
+    fixed = block_masks(pruned, layers, dens, pattern, saliency) if pattern.blocked else None
+    masks = sequential_reconstruct(pruned, layers, dens, pattern, batches, output_fn, fixed_masks=fixed,
+                                   update=reconstruct)
+    if distill_steps > 0:
+        if references is None:
+            raise ValueError("prune_once: distillation needs the dense model's outputs (references)")
+        distill_kept_weights(pruned, masks, batches, references, output_fn, steps=distill_steps, lr=distill_lr)
+    apply_masks(pruned, masks)
+    return pruned, masks

@@ -73,7 +73,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.errors import PlanError
+from dipgo.postprocess.plan import Plan, ReusePayload
 from dipgo.postprocess.reuse_plan import check_reachable, extract_reuse_plan
 from dipgo.supernets.reuse import ReuseSuperNet
 
@@ -105,9 +106,7 @@ def _meta(supernet: ReuseSuperNet, name: str, label: str, params: Mapping[str, A
         "baseline": name,
         "label": label,
         "params": dict(params),
-        "granularity": cfg.granularity,
-        "mode": cfg.mode,
-        "modes": supernet.modes,
+        **ReusePayload(cfg.granularity, cfg.mode, supernet.modes).to_meta(),
         "scheduler": cfg.scheduler,
         "guidance_scale": cfg.guidance_scale,
     }
@@ -802,7 +801,7 @@ def measure_cache_variant(model: nn.Module, name: str, trajectory: Callable[[], 
     its FFT approximation is elementwise and uncounted, as in every MAC table), and
     ``executed_fraction`` is executed unit calls / unit calls from forward hooks.
     """
-    from dipgo.report.macs import count_macs
+    from dipgo.measure.macs import count_macs
 
     full, _ = count_macs(trajectory)
     with diffusers_cache_variant(model, name, **params) as variant:

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.errors import PlanError
+from dipgo.postprocess.plan import Plan, ReusePayload
 from dipgo.supernets.reuse import ReuseSuperNet
 
 
@@ -115,9 +116,7 @@ def _plan_meta(supernet: ReuseSuperNet, probs: torch.Tensor, meta: dict[str, Any
     """What ``install_plan`` needs to rebuild the units, the probabilities (for heatmaps), the caller's provenance."""
     cfg = supernet.config
     return {
-        "granularity": cfg.granularity,
-        "mode": cfg.mode,
-        "modes": supernet.modes,
+        **ReusePayload(cfg.granularity, cfg.mode, supernet.modes).to_meta(),
         "scheduler": cfg.scheduler,
         "guidance_scale": cfg.guidance_scale,
         "keep_probs": [[round(p, 4) for p in row] for row in probs.tolist()],  # (S-1, B)

@@ -22,11 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from dipgo.postprocess.plan import Plan, PlanError, read_json, write_json_atomic
+from dipgo.errors import PlanError
+from dipgo.files import read_json, write_json_atomic
+from dipgo.models.io import null_class_for
+from dipgo.postprocess.plan import Plan, ReusePayload
 from dipgo.postprocess.reuse_plan import check_plan_fits
 from dipgo.supernets.adapters import ConsumerGraph, get_reuse_adapter
 from dipgo.supernets.reuse import ReuseHooks, StepState, effective_grid
-from dipgo.supernets.sampling import make_model_fn, make_scheduler, null_class_for, sample
+from dipgo.supernets.sampling import make_model_fn, make_scheduler, sample
 
 SUBNET_FORMAT = "dipgo.reuse_subnet"
 SUBNET_VERSION = 1
@@ -139,16 +142,16 @@ class ReusePlanHandle:
 def install_plan(model: nn.Module, plan: Plan, num_steps: int | None = None) -> ReusePlanHandle:
     """Make ``model`` run ``plan`` on every call until ``handle.remove()``.
 
-    The plan's ``meta`` (``granularity``, ``mode``) rebuilds the gated units; the model class and
-    block list must match the plan (``PlanError`` otherwise), and so must ``num_steps`` when given.
+    The plan's :class:`~dipgo.postprocess.plan.ReusePayload` (``granularity``, ``mode``) rebuilds the
+    gated units; the model class and block list must match the plan (``PlanError`` otherwise), and so
+    must ``num_steps`` when given.
     """
-    meta = plan.meta or {}
+    reuse = ReusePayload.from_meta(plan.meta or {})  # a reuse plan's payload, or a joint plan's reuse part
     adapter = get_reuse_adapter(model)
-    granularity = meta.get("granularity", "block")
-    units = adapter.units(model, granularity, meta.get("mode", "auto"))
+    granularity = reuse.granularity
+    units = adapter.units(model, granularity, reuse.mode)
     check_plan_fits(plan, type(model).__name__, [u.name for u in units], num_steps)
-    modes = meta.get("modes")
-    if modes is not None and list(modes) != [u.mode for u in units]:
+    if reuse.modes is not None and reuse.modes != [u.mode for u in units]:
         raise PlanError("plan reuse modes do not match the model's units: rebuild the plan with this dipgo")
     hooks = ReuseHooks(model, units)
     return ReusePlanHandle(model, plan, hooks, adapter.graph(model, units, granularity))

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dipgo.postprocess.reconstruct import train_masked_layers
+from dipgo.postprocess.reconstruct import prune_once, train_masked_layers
 
 OutputFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
@@ -166,8 +166,6 @@ def sds_prune(dense: nn.Module, first: nn.Module, masks: dict[str, torch.Tensor]
     ``first`` is not modified. Returns ``(pruned model, keep masks)`` at the plan's densities and
     pattern. ``references``: the dense model's outputs on ``batches`` (computed when omitted).
     """
-    from dipgo.postprocess.mask_subnet import prune_once
-
     if references is None:
         with torch.no_grad():
             references = [output_fn(dense, b) for b in batches]

@@ -11,42 +11,25 @@ held-out sentences. Latency: median of interleaved runs of every variant in one 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from dipgo.measure.fidelity import fidelity_key, output_fidelity
+from dipgo.measure.latency import compare_latency, speedup
+from dipgo.measure.macs import OutputCall
+from dipgo.models.configured import model_source
+from dipgo.models.io import outputs
 from dipgo.postprocess.plan import Plan
-from dipgo.report.latency import compare_latency, speedup
-
-
-def model_source(loaded: Any) -> dict[str, Any]:
-    """Where the model came from, in the form the exporter needs to rebuild it without dipgo."""
-    from dipgo.models.registry import REFERENCE_DIR
-
-    if loaded.kind == "encoder":
-        return {"library": "transformers", "source": loaded.source}
-    folder = Path(loaded.source)
-    if not folder.is_dir():
-        folder = REFERENCE_DIR / loaded.source
-    cfg_file = folder / "config.json"
-    if cfg_file.is_file():
-        cfg = json.loads(cfg_file.read_text())
-        return {"library": "timm", "architecture": cfg["architecture"], "model_args": cfg.get("model_args", {}),
-                "pretrained_cfg": cfg.get("pretrained_cfg", {}), "source": loaded.source}
-    pcfg = dict(getattr(loaded.model, "pretrained_cfg", {}) or {})
-    return {"library": "timm", "architecture": pcfg.get("architecture", loaded.source),
-            "model_args": {"num_classes": getattr(loaded.model, "num_classes", 1000)}, "pretrained_cfg": pcfg,
-            "source": loaded.source}
+from dipgo.report.registry import register_functions
 
 
 def eval_data(loaded: Any, cfg: DictConfig) -> dict[str, torch.Tensor]:
     """Held-out evaluation data: digits test images + labels, or tokenised test sentences."""
-    from dipgo.search.block_task import digits_images
+    from dipgo.models.io import digits_images
 
     if loaded.kind == "classifier":
         images, labels = digits_images(loaded.model, "test")
@@ -57,34 +40,6 @@ def eval_data(loaded: Any, cfg: DictConfig) -> dict[str, torch.Tensor]:
     sentences = text_corpus("test")[: cfg.report.num_samples]
     enc = loaded.tokenizer(sentences, padding=True, truncation=True, max_length=cfg.data.max_length, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-
-@torch.no_grad()
-def outputs(model: nn.Module, kind: str, data: dict[str, torch.Tensor], chunk: int = 128) -> torch.Tensor:
-    """Logits or pooled embeddings of the whole evaluation set, in chunks."""
-    from dipgo.search.block_task import output_fn_for
-
-    fn = output_fn_for(kind)
-    keys = [k for k in data if k != "labels"]
-    n = len(data[keys[0]])
-    return torch.cat([fn(model, {k: data[k][i : i + chunk] for k in keys}) for i in range(0, n, chunk)]).float()
-
-
-def fidelity(kind: str, out: torch.Tensor, ref: torch.Tensor, labels: torch.Tensor | None) -> dict[str, float]:
-    """Classifier: accuracy, agreement, KL; encoder: mean and min cosine to the full model."""
-    if kind == "classifier":
-        kl = F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
-        return {
-            "accuracy": float((out.argmax(-1) == labels).float().mean()),
-            "agreement": float((out.argmax(-1) == ref.argmax(-1)).float().mean()),
-            "kl": float(kl),
-        }
-    cos = F.cosine_similarity(out, ref, dim=-1)
-    return {"cosine": float(cos.mean()), "cosine_min": float(cos.min())}
-
-
-def fidelity_key(kind: str) -> str:
-    return "accuracy" if kind == "classifier" else "cosine"
 
 
 def plan_variants(supernet: Any, plan: Plan, cfg: DictConfig) -> tuple[dict[str, Plan], list[str]]:
@@ -115,9 +70,9 @@ def _latency_inputs(data: dict[str, torch.Tensor], batch: int) -> dict[str, torc
 
 def evaluate_block(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
     """The report of one block search: every variant's cost, speedup and held-out fidelity."""
+    from dipgo.measure.macs import model_macs
+    from dipgo.models.io import output_fn_for
     from dipgo.postprocess.block_subnet import export_block_subnet
-    from dipgo.report.macs import model_macs
-    from dipgo.search.block_task import output_fn_for
 
     model = supernet.remove() if hasattr(supernet, "remove") else loaded.model
     kind = loaded.kind
@@ -132,7 +87,7 @@ def evaluate_block(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_
 
     lat_inputs = _latency_inputs(data, cfg.report.latency_batch)
     fn = output_fn_for(kind)
-    full_macs = model_macs(_Call(model, fn), lat_inputs) / len(next(iter(lat_inputs.values())))
+    full_macs = model_macs(OutputCall(model, fn), lat_inputs) / len(next(iter(lat_inputs.values())))
     timings = compare_latency(
         {name: (lambda m=m: fn(m, lat_inputs)) for name, m in models.items()},
         warmup=cfg.report.latency_warmup, runs=cfg.report.latency_runs,
@@ -140,7 +95,7 @@ def evaluate_block(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_
     variants = []
     for name, m in models.items():
         p = plans.get(name)
-        macs = model_macs(_Call(m, fn), lat_inputs) / len(next(iter(lat_inputs.values())))
+        macs = model_macs(OutputCall(m, fn), lat_inputs) / len(next(iter(lat_inputs.values())))
         entry = {
             "name": name,
             "removed": [] if p is None else [b for b, k in zip(p.blocks, p.compute[0], strict=True) if not k],
@@ -148,7 +103,7 @@ def evaluate_block(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_
             "macs_ratio": macs / full_macs,
             "latency_ms": timings[name].median_s * 1e3,
             "speedup": speedup(timings["full"], timings[name]),
-            **fidelity(kind, outputs(m, kind, data), ref, data.get("labels")),
+            **output_fidelity(kind, outputs(m, kind, data), ref, data.get("labels")),
         }
         variants.append(entry)
     export_dir = export_block_subnet(tuned if tuned is not None else model, plan, run_dir / "subnet", model_source(loaded))
@@ -183,26 +138,15 @@ def finetuned(model: nn.Module, supernet: Any, plan: Plan, cfg: DictConfig, run_
     from pytorch_lightning.loggers import CSVLogger
 
     from dipgo.losses.distortion import DistortionConfig
+    from dipgo.search.config import config_of
     from dipgo.search.finetune import FinetuneConfig, finetune_subnet
-    from dipgo.search.module import _dataclass_from
 
-    ft = _dataclass_from(FinetuneConfig, cfg.search.finetune)
+    ft = config_of(FinetuneConfig, cfg.search.finetune)
     accelerator = "gpu" if cfg.trainer.accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
     logger = CSVLogger(str(run_dir), name="logs", version="finetune") if cfg.logger.csv else False
     return finetune_subnet(model, plan, supernet.calibration_pool, supernet.output_fn,
-                           _dataclass_from(DistortionConfig, cfg.search.distortion), ft,
+                           config_of(DistortionConfig, cfg.search.distortion), ft,
                            accelerator=accelerator, seed=cfg.seed, logger=logger)
-
-
-class _Call(nn.Module):
-    """``model`` + output function as one module, so the MAC counter sees the real forward."""
-
-    def __init__(self, model: nn.Module, fn: Any):
-        super().__init__()
-        self.model, self.fn = model, fn
-
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.fn(self.model, inputs)
 
 
 def _table_summary(table: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -248,9 +192,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 def bench_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict[str, Any]:
     """Time a saved block plan's SubNet against its full model (``dipgo bench``)."""
+    from dipgo.models.configured import load_configured_model
+    from dipgo.models.io import output_fn_for
     from dipgo.postprocess.block_subnet import check_plan_matches, remove_blocks
-    from dipgo.search.block_task import output_fn_for
-    from dipgo.search.tasks import load_configured_model
 
     loaded = load_configured_model(cfg)
     check_plan_matches(loaded.model, plan)
@@ -298,5 +242,8 @@ def exhaustive_subsets(loaded: Any, blocks: list[str], num_removed: int, data: d
         plan = Plan(kind="block", model=type(loaded.model).__name__, blocks=list(blocks), compute=[keep],
                     target=1.0, cost_ratio=1.0)
         out = outputs(measured_variant(loaded.model, plan), loaded.kind, data)
-        rows.append({"removed": list(removed), **fidelity(loaded.kind, out, ref, data.get("labels"))})
+        rows.append({"removed": list(removed), **output_fidelity(loaded.kind, out, ref, data.get("labels"))})
     return sorted(rows, key=lambda r: -r[key])
+
+
+register_functions("block", evaluate=evaluate_block, summary_lines=summary_lines, bench=bench_plan, bench_lines=bench_lines)

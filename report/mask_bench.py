@@ -11,7 +11,7 @@ kept, so this is the SubNet's speed without minutes of reconstruction. Masked Li
 dropped blocks make :func:`dipgo.kernels.kernel_speedup_expected` say yes run on
 :class:`dipgo.kernels.BlockSparseLinear` (:func:`dipgo.postprocess.mask_subnet.to_kernels`), the
 others stay dense with zeros. Dense and SubNet are timed interleaved in one process
-(:func:`dipgo.report.latency.compare_latency`) on one held-out batch; as a correctness check the
+(:func:`dipgo.measure.latency.compare_latency`) on one held-out batch; as a correctness check the
 kernel SubNet's output is compared with the masked dense model's on that batch (``max_abs_diff``).
 """
 
@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from dipgo.postprocess.plan import Plan, PlanError
-from dipgo.report.latency import compare_latency, speedup
+from dipgo.errors import PlanError
+from dipgo.measure.latency import compare_latency, speedup
+from dipgo.postprocess.plan import MaskPayload, Plan
 
 
 def plan_masks(supernet: Any, plan: Plan) -> dict[str, torch.Tensor]:
@@ -37,20 +38,20 @@ def plan_masks(supernet: Any, plan: Plan) -> dict[str, torch.Tensor]:
         missing = sorted(set(plan.blocks) ^ set(supernet.layers))
         raise PlanError(f"the plan's layers do not match this model's prunable layers (first difference: "
                         f"{missing[0] if missing else 'the order'}): bench the plan with the config it was searched with")
-    pattern = parse_pattern(plan.meta["pattern"])
-    dens = {p: float(d) for p, d in zip(plan.blocks, plan.meta["density"]) if d < 1.0}
+    payload = MaskPayload.from_meta(plan.meta)
+    pattern = parse_pattern(payload.pattern)
+    dens = {p: float(d) for p, d in payload.pruned(plan.blocks).items()}
     return {p: density_mask(supernet.saliency[p], d, pattern) for p, d in dens.items() if p not in supernet.refused}
 
 
 def bench_mask_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int,
                     threads: int | None) -> dict[str, Any]:
     """Time a saved mask plan's kernel SubNet against the dense model (``dipgo bench``); JSON-able."""
-    from dipgo.postprocess.mask_subnet import masked_density, to_kernels
+    from dipgo.models.configured import load_configured_model
+    from dipgo.postprocess.mask_subnet import kernel_block, masked_density, to_kernels
     from dipgo.postprocess.reconstruct import apply_masks
     from dipgo.report.block_eval import _latency_inputs, eval_data
-    from dipgo.report.mask_eval import kernel_block
     from dipgo.search.mask_task import MaskTask
-    from dipgo.search.tasks import load_configured_model
 
     loaded = load_configured_model(cfg)
     supernet = MaskTask().build(loaded, cfg)
@@ -78,8 +79,8 @@ def bench_mask_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batc
         "kind": "mask",
         "model": type(model).__name__,
         "plan": {"model": plan.model, "source": plan.meta.get("model_source", str(cfg.model.name)),
-                 "pattern": plan.meta["pattern"], "target": plan.target, "selection": plan.meta.get("selection")},
-        "pattern": plan.meta["pattern"],
+                 "pattern": plan.payload.pattern, "target": plan.target, "selection": plan.meta.get("selection")},
+        "pattern": plan.payload.pattern,
         "density": plan.cost_ratio,
         "masked_density": masked_density(masked, list(masks)) if masks else 1.0,
         "kernel_block": list(block),

@@ -17,40 +17,21 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
-from torch import nn
 
+from dipgo.measure.latency import compare_latency, speedup
 from dipgo.postprocess.plan import Plan
-from dipgo.report.latency import compare_latency, speedup
-
-
-def kernel_block(plan: Plan) -> tuple[int, int]:
-    from dipgo.supernets.mask import parse_pattern
-
-    p = parse_pattern(plan.meta["pattern"])
-    return (p.block, p.block) if p.kind in ("block", "rowblock") else (32, 32)
-
-
-def build_subnet(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig) -> tuple[nn.Module, dict, dict]:
-    """``(kernel SubNet, keep masks, conversion report)`` of ``plan`` (removes the gates)."""
-    from dipgo.postprocess.mask_subnet import prune_with_plan, to_kernels
-
-    model = supernet.remove()
-    stages: dict[str, Any] = {}
-    pruned, masks = prune_with_plan(model, plan, supernet.saliency, supernet.calibration_batches, supernet.output_fn,
-                                    reconstruct=cfg.supernet.reconstruct, distill_steps=cfg.supernet.distill_steps,
-                                    distill_lr=cfg.supernet.distill_lr, sds=cfg.supernet.get("sds"),
-                                    norms=supernet.norms, stages=stages)
-    kern = copy.deepcopy(pruned)
-    tokens = cfg.report.latency_batch * (cfg.data.max_length if loaded.kind == "encoder" else 1)
-    conversion = to_kernels(kern, masks, kernel_block(plan), tokens=tokens)
-    return kern, masks, {"pruned": pruned, "conversion": conversion, **stages}
+from dipgo.report.mask_bench import bench_lines as mask_bench_lines
+from dipgo.report.mask_bench import bench_mask_plan
+from dipgo.report.registry import register_functions
+from dipgo.search.mask_task import build_subnet, export_subnet
 
 
 def evaluate_mask(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
+    from dipgo.measure.fidelity import fidelity_key, output_fidelity
+    from dipgo.models.io import outputs
     from dipgo.postprocess.mask_baselines import MASK_BASELINES, global_density, prune_baseline
     from dipgo.postprocess.mask_subnet import prune_with_plan
-    from dipgo.report.block_eval import _latency_inputs, eval_data, fidelity, fidelity_key, outputs
-    from dipgo.search.mask_task import _export
+    from dipgo.report.block_eval import _latency_inputs, eval_data
 
     kind = loaded.kind
     layers, norms, batches = supernet.layers, supernet.norms, supernet.calibration_batches
@@ -61,16 +42,16 @@ def evaluate_mask(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_d
     data = eval_data(loaded, cfg)
     labels = data.get("labels")
     ref = outputs(model, kind, data)
-    variants = [{"name": "full", "density": 1.0, **fidelity(kind, ref, ref, labels)}]
+    variants = [{"name": "full", "density": 1.0, **output_fidelity(kind, ref, ref, labels)}]
     variants.append({"name": "dipgo", "density": global_density(masks, costs) if masks else 1.0,
-                     **fidelity(kind, outputs(extra["pruned"], kind, data), ref, labels)})
+                     **output_fidelity(kind, outputs(extra["pruned"], kind, data), ref, labels)})
     if "before_sds" in extra:
         first, first_masks = extra["before_sds"]
         variants.append({"name": "dipgo_before_sds", "density": global_density(first_masks, costs),
-                         **fidelity(kind, outputs(first, kind, data), ref, labels)})
+                         **output_fidelity(kind, outputs(first, kind, data), ref, labels)})
     only, only_masks = prune_with_plan(model, plan, supernet.saliency, batches, supernet.output_fn, reconstruct=False)
     variants.append({"name": "dipgo_mask_only", "density": global_density(only_masks, costs) if only_masks else 1.0,
-                     **fidelity(kind, outputs(only, kind, data), ref, labels)})
+                     **output_fidelity(kind, outputs(only, kind, data), ref, labels)})
     for name in cfg.report.baselines:
         if name not in MASK_BASELINES:
             continue
@@ -78,18 +59,18 @@ def evaluate_mask(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_d
         bm = prune_baseline(name, base, free, _free_target(plan, supernet),
                             supernet.pattern, norms, costs, batches, supernet.output_fn)
         variants.append({"name": name, "density": global_density(bm, costs),
-                         **fidelity(kind, outputs(base, kind, data), ref, labels)})
-    kernel_fid = fidelity(kind, outputs(kern, kind, data), ref, labels)
+                         **output_fidelity(kind, outputs(base, kind, data), ref, labels)})
+    kernel_fid = output_fidelity(kind, outputs(kern, kind, data), ref, labels)
     inputs = _latency_inputs(data, cfg.report.latency_batch)
     fn = supernet.output_fn
     lat = compare_latency({"full": lambda: fn(model, inputs), "dipgo_kernels": lambda: fn(kern, inputs)},
                           warmup=cfg.report.latency_warmup, runs=cfg.report.latency_runs)
-    subnet_dir = _export(kern, plan, run_dir / "subnet", loaded)
+    subnet_dir = export_subnet(kern, plan, run_dir / "subnet", loaded)
     conv = extra["conversion"]
     report = {
         "kind": "mask",
         "model": plan.model,
-        "pattern": plan.meta["pattern"],
+        "pattern": plan.payload.pattern,
         "target_density": plan.target,
         "plan_density": plan.cost_ratio,
         "fidelity_metric": fidelity_key(kind),
@@ -130,3 +111,6 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     for v in report["variants"]:
         lines.append(f"  {v['name']:<16} density {v['density']:.4f}  {key} {v[key]:.4f}")
     return lines
+
+
+register_functions("mask", evaluate=evaluate_mask, summary_lines=summary_lines, bench=bench_mask_plan, bench_lines=mask_bench_lines)

@@ -327,3 +327,47 @@ def block_keep_plot(
     ax.set_xlabel("P(keep)")
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
+
+
+def reuse_density_plot(
+    grid: np.ndarray | Tensor, units: Sequence[str], layers: Sequence[str], densities: Sequence[float],
+    path: str | Path, *, title: str,
+) -> Path:
+    """A joint reuse + mask plan: the reuse grid ``(steps, units)`` beside the per-layer kept
+    densities (no mask part: the grid alone), so one figure shows where the budget went."""
+    fig, axes = _figure(1, 2, figsize=(11, 4))
+    ax_grid, ax_dens = axes[0]
+    kept = _as_numpy(grid).astype(float).T  # (units, steps)
+    ax_grid.imshow(kept, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
+    ax_grid.set(title="reuse: computed (green) per step", xlabel="sampling step", ylabel="unit")
+    ax_grid.set_yticks(range(len(units)), list(units), fontsize=6)
+    if layers:
+        ax_dens.bar(range(len(densities)), list(densities), color="tab:blue")
+        ax_dens.set_xticks(range(len(layers)), [p.replace("transformer_blocks.", "b") for p in layers],
+                           rotation=90, fontsize=5)
+        ax_dens.set(title="mask: kept density per layer", ylim=(0, 1.02))
+    else:
+        ax_dens.axis("off")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def block_density_plot(
+    keep: Sequence[bool], blocks: Sequence[str], layers: Sequence[str], densities: Sequence[float],
+    owner: Sequence[int], path: str | Path, *, title: str,
+) -> Path:
+    """A joint block + mask plan: per-layer kept densities, grey where the layer's block
+    (``owner[i]``, -1 for none) is removed; without a mask part, the kept blocks."""
+    fig, axes = _figure(1, 1, figsize=(10, 4))
+    ax = axes[0, 0]
+    if layers:
+        colors = ["lightgrey" if b >= 0 and not keep[b] else "tab:blue" for b in owner]
+        ax.bar(range(len(densities)), list(densities), color=colors)
+        ax.set_xticks(range(len(layers)), list(layers), rotation=90, fontsize=5)
+        ax.set(ylabel="kept density", ylim=(0, 1.05))
+    else:
+        ax.bar(range(len(blocks)), [1.0 if k else 0.0 for k in keep], color="tab:green")
+        ax.set_xticks(range(len(blocks)), list(blocks), rotation=90, fontsize=6)
+        ax.set(ylabel="kept (1) / removed (0)", ylim=(0, 1.05))
+    ax.set_title(title, fontsize=8)
+    return _save(fig, path)

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from dipgo.measure.latency import compare_latency, speedup
 from dipgo.postprocess.plan import Plan
-from dipgo.report.latency import compare_latency, speedup
+from dipgo.report.registry import register_functions
 from dipgo.search.data import map_tensors
 
 DIGITS_SOURCES = ("digits_unet", "digits_dit")
@@ -36,7 +37,8 @@ DIGITS_SOURCES = ("digits_unet", "digits_dit")
 
 def _sampler(model: torch.nn.Module, cfg: DictConfig, scheduler_config: dict | None) -> Callable[..., torch.Tensor]:
     """``run(batch, num_steps) -> final sample`` with the search's scheduler and guidance."""
-    from dipgo.supernets.sampling import make_model_fn, make_scheduler, null_class_for, sample
+    from dipgo.models.io import null_class_for
+    from dipgo.supernets.sampling import make_model_fn, make_scheduler, sample
 
     model_fn, null_class = make_model_fn(model), null_class_for(model)
 
@@ -134,9 +136,9 @@ def _digits_judge(loaded: Any) -> tuple[Any, torch.Tensor] | None:
     """The digits classifier and its features of the real held-out digits, for digits denoisers."""
     if getattr(loaded, "source", None) not in DIGITS_SOURCES:
         return None
+    from dipgo.measure.fidelity import classifier_features
     from dipgo.models.digits import digits_tensors
     from dipgo.models.registry import load_digits_classifier
-    from dipgo.report.fidelity import classifier_features
 
     classifier = load_digits_classifier()
     real, _ = digits_tensors("test")
@@ -147,8 +149,8 @@ def _digits_judge(loaded: Any) -> tuple[Any, torch.Tensor] | None:
 def eval_items(loaded: Any, cfg: DictConfig, num: int, seed: int, split: str = "evaluation") -> dict[str, Any]:
     """A fixed batch of ``num`` items (no ``index``): noise (+ class labels), or with
     ``data.kind=prompts`` noise + embeddings of the ``split`` prompts (held out: ``evaluation``)."""
+    from dipgo.models.io import sample_spec
     from dipgo.search.data import collate, eval_batch
-    from dipgo.search.reuse_task import sample_spec
 
     if cfg.data.kind == "prompts":
         from dipgo.search.prompts import prompt_pool
@@ -204,7 +206,7 @@ def evaluate_reuse(
     loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Sample, score, time and plot every variant; return ``(report, {plot name: path})``."""
-    from dipgo.report.fidelity import image_fidelity, psnr, ssim
+    from dipgo.measure.fidelity import image_fidelity, psnr, ssim
 
     model = loaded.model
     sched_cfg = dict(loaded.scheduler.config) if getattr(loaded, "scheduler", None) is not None else None
@@ -353,8 +355,8 @@ def _fmt(value: Any, spec: str) -> str:
 
 def bench_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict[str, Any]:
     """Time a saved plan against its full model (``dipgo bench``)."""
+    from dipgo.models.configured import load_configured_model
     from dipgo.search.reuse_task import ReuseTask
-    from dipgo.search.tasks import load_configured_model
 
     loaded = load_configured_model(cfg)
     supernet = ReuseTask().build(loaded, cfg)
@@ -388,3 +390,6 @@ def bench_lines(result: dict[str, Any]) -> list[str]:
         f"dipgo {sub['median_s'] * 1e3:9.1f} ms   ({result['macs_ratio']:.1%} of MACs)",
         f"speedup {result['speedup']:.2f}x",
     ]
+
+
+register_functions("reuse", evaluate=evaluate_reuse, summary_lines=summary_lines, bench=bench_plan, bench_lines=bench_lines)

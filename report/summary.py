@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dipgo.postprocess.plan import write_json_atomic
+from dipgo.files import write_json_atomic
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -22,11 +22,11 @@ def _load(path: Path) -> dict[str, Any]:
 
 def single_run_lines(run_dir: Path) -> list[str]:
     """The end-of-search summary of a finished run, read back from its report.json."""
-    from dipgo.search.tasks import get_task
+    from dipgo.report.kinds import get_reporter
 
     report = _load(run_dir)
     lines = [f"run: {run_dir}"]
-    lines += get_task(report.get("kind", "reuse")).summary_lines(report)
+    lines += get_reporter(report.get("kind", "reuse"), report.get("joint_variant")).summary_lines(report)
     return lines
 
 
@@ -147,6 +147,6 @@ def _f(value: Any, spec: str) -> str:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    from dipgo.postprocess.plan import write_bytes_atomic
+    from dipgo.files import write_bytes_atomic
 
     return write_bytes_atomic(path, text.encode())

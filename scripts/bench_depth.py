@@ -51,11 +51,11 @@ def search(recipe: str, target: float, runs_root: Path, overrides: list[str]) ->
 
 
 def minilm_part(args: argparse.Namespace, runs_root: Path) -> list[dict]:
+    from dipgo.measure.latency import compare_latency, speedup
+    from dipgo.models.io import encoder_output, outputs
     from dipgo.models.registry import load_model
     from dipgo.postprocess.block_subnet import load_block_subnet
-    from dipgo.report.block_eval import eval_data, exhaustive_subsets, outputs
-    from dipgo.report.latency import compare_latency, speedup
-    from dipgo.search.block_task import encoder_output
+    from dipgo.report.block_eval import eval_data, exhaustive_subsets
 
     rows = []
     loaded = load_model("minilm")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dipgo.postprocess.plan import write_json_atomic
+from dipgo.files import write_json_atomic
 
 KIND_SETS: dict[str, str] = {"joint": "[reuse,mask]", "reuse": "[reuse]", "mask": "[mask]"}
 

@@ -18,19 +18,9 @@ import tempfile
 import time
 from typing import Any
 
-from dipgo.postprocess.plan import write_json_atomic
+from dipgo.files import write_json_atomic
 
 KIND_SETS: dict[str, str] = {"joint": "[block,mask]", "block": "[block]", "mask": "[mask]"}
-
-
-def use_block_joint_task() -> None:
-    """Run every kind set through :class:`BlockJointTask`: ``JointTask`` sends ``[mask]`` alone to the
-    denoiser variant until it routes with :func:`dipgo.search.joint_block.routes_here`."""
-    from dipgo.search import tasks
-    from dipgo.search.joint_block import BlockJointTask
-
-    tasks.get_task("joint")  # built-ins registered first, so this entry is not overwritten
-    tasks._TASKS["joint"] = BlockJointTask
 
 
 def run_point(recipe: str, target: float, kinds: str, runs_root: str, extra: list[str]) -> dict[str, Any]:
@@ -80,7 +70,6 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results/joint_block_digits_vit.json")
     ap.add_argument("--override", action="append", default=[], help="extra config override (repeatable)")
     args = ap.parse_args()
-    use_block_joint_task()
     result: dict[str, Any] = {"recipe": args.recipe, "args": vars(args),
                               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                               "uptime_at_start": os.popen("uptime").read().strip(), "rows": []}

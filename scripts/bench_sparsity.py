@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dipgo.postprocess.plan import write_json_atomic
+from dipgo.files import write_json_atomic
 
 
 def _overrides(runs_root: str, **kw: Any) -> list[str]:
@@ -38,11 +38,12 @@ def _overrides(runs_root: str, **kw: Any) -> list[str]:
 
 def uniform_ablation(cfg: Any) -> float:
     """Uniform allocation, same reconstruction + distillation as dipgo: held-out cosine."""
+    from dipgo.models.configured import load_configured_model
+    from dipgo.models.io import outputs
     from dipgo.postprocess.mask_plan import uniform_plan
     from dipgo.postprocess.mask_subnet import prune_with_plan
-    from dipgo.report.block_eval import eval_data, outputs
+    from dipgo.report.block_eval import eval_data
     from dipgo.search.mask_task import MaskTask
-    from dipgo.search.tasks import load_configured_model
 
     loaded = load_configured_model(cfg)
     sn = MaskTask().build(loaded, cfg)

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dipgo.measure.macs import model_macs
 from dipgo.models.digits import NUM_CLASSES, digits_tensors, sample_digits, to_unit_range
 from dipgo.models.registry import digits_classifier_features, load_model
-from dipgo.report.macs import model_macs
 
 SEED = 0
 NULL_LABEL = NUM_CLASSES  # label 10: the classifier-free-guidance "no class" label

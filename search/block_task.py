@@ -4,8 +4,8 @@ Build: every residual block whose input and output shapes match gets a gate ``x 
 (:func:`dipgo.supernets.block.apply_block_gates`); with ``supernet.cost=latency`` the slots' costs
 are replaced by a per-block latency table measured on the search device. Data: digits training
 images (classifiers) or tokenised training sentences (encoders). Plan: the cheapest-to-lose
-blocks by learned keep probability until the budget holds. Evaluate: the plan and the baselines
-physically removed, measured on held-out data and timed interleaved; the SubNet exported.
+blocks by learned keep probability until the budget holds. Export: the blocks physically removed,
+a smaller model of the same library. Evaluation is the report's part (:mod:`dipgo.report.block_eval`).
 """
 
 from __future__ import annotations
@@ -14,48 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch import nn
 
+from dipgo.models.configured import load_configured_model
+from dipgo.models.io import digits_images, output_fn_for
 from dipgo.postprocess.plan import Plan
-from dipgo.search.tasks import load_configured_model, register_task
+from dipgo.search.registry import register_task
 
 KINDS = ("classifier", "encoder")
-
-
-def classifier_input_shape(model: nn.Module) -> tuple[int, int, int]:
-    """``(C, H, W)`` a timm classifier expects, from its pretrained config (digits default 1x16x16)."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    c, h, w = cfg.get("input_size", (1, 16, 16))
-    return int(c), int(h), int(w)
-
-
-def digits_images(model: nn.Module, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Digits images resized / channel-repeated to the classifier's input, and their labels."""
-    from dipgo.models.digits import digits_tensors
-
-    c, h, w = classifier_input_shape(model)
-    x, y = digits_tensors(split, size=16)
-    if (h, w) != (16, 16):
-        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-    return x.repeat(1, c, 1, 1) if c != 1 else x, y
-
-
-def classifier_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits ``(B, classes)``."""
-    return model(batch["images"])
-
-
-def encoder_output(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Attention-mask mean-pooled last hidden state ``(B, H)`` (sentence-transformers pooling)."""
-    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state  # (B, T, H)
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-
-
-def output_fn_for(kind: str) -> Any:
-    return classifier_output if kind == "classifier" else encoder_output
 
 
 def calibration_pool(loaded: Any, cfg: DictConfig) -> Any:
@@ -76,7 +42,7 @@ def _example(pool: Any, n: int = 1) -> dict[str, torch.Tensor]:
 
 
 def _check_data(loaded: Any, cfg: DictConfig) -> None:
-    from dipgo.supernets.adapters import UnsupportedModelError
+    from dipgo.errors import UnsupportedModelError
 
     if loaded.kind not in KINDS:
         raise UnsupportedModelError(
@@ -92,7 +58,7 @@ def _check_data(loaded: Any, cfg: DictConfig) -> None:
 
 def apply_latency_costs(supernet: Any, pool: Any, cfg: DictConfig) -> dict[str, Any]:
     """Replace the slots' MACs by a per-block latency table measured (or cached) on this device."""
-    from dipgo.report.block_latency import block_latency_table
+    from dipgo.measure.block_latency import block_latency_table
 
     device = torch.device("cuda" if cfg.trainer.accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu")
     batch = _example(pool, min(len(pool), cfg.report.latency_batch))
@@ -109,6 +75,10 @@ class BlockTask:
     """Depth pruning: one gate per residual block."""
 
     kind = "block"
+    variant = None
+
+    def validate(self, cfg: DictConfig) -> None:
+        """Nothing beyond the checks every kind shares (:func:`dipgo.search.compose.validate_config`)."""
 
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
         from dipgo.postprocess.block_plan import check_block_reachable
@@ -138,29 +108,9 @@ class BlockTask:
         plan = extract_block_plan(probs, supernet, cfg.search.target, meta=meta)
         return refine(plan, probs, supernet, cfg) if cfg.search.refine.enabled else plan
 
-    def evaluate(self, loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
-        from dipgo.report.block_eval import evaluate_block
-
-        return evaluate_block(loaded, supernet, plan, cfg, run_dir)
-
-    def summary_lines(self, report: dict[str, Any]) -> list[str]:
-        from dipgo.report.block_eval import summary_lines
-
-        return summary_lines(report)
-
-    def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict:
-        from dipgo.report.block_eval import bench_plan
-
-        return bench_plan(cfg, plan, runs=runs, warmup=warmup, batch=batch, threads=threads)
-
-    def bench_lines(self, result: dict[str, Any]) -> list[str]:
-        from dipgo.report.block_eval import bench_lines
-
-        return bench_lines(result)
-
     def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
+        from dipgo.models.configured import model_source
         from dipgo.postprocess.block_subnet import check_plan_matches, export_block_subnet
-        from dipgo.report.block_eval import model_source
 
         loaded = load_configured_model(cfg)
         check_plan_matches(loaded.model, plan)
@@ -180,10 +130,10 @@ def refine(plan: Plan, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> P
     from dipgo.losses.distortion import DistortionConfig, distortion
     from dipgo.postprocess.block_plan import BLOCK_BASELINES, baseline_block_plan, refine_block_keep
     from dipgo.postprocess.block_subnet import make_block_plan
+    from dipgo.search.config import config_of
     from dipgo.search.data import collate
-    from dipgo.search.module import _dataclass_from
 
-    dist_cfg = _dataclass_from(DistortionConfig, cfg.search.distortion)
+    dist_cfg = config_of(DistortionConfig, cfg.search.distortion)
     pool = supernet.calibration_pool
     items = [pool[i] for i in range(min(cfg.search.refine.batch, len(pool)))]
     batch = {k: v for k, v in collate(items).items() if k != "index"}

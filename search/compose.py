@@ -19,6 +19,8 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from dipgo.errors import ConfigError
+from dipgo.errors import one_of as _one_of
 from dipgo.search.config import Config, register_configs
 
 CONFIG_MODULE = "dipgo.configs"
@@ -31,10 +33,6 @@ BASELINES: tuple[str, ...] = (
 GROUPS: tuple[str, ...] = ("model", "supernet", "search", "data", "trainer", "logger", "report", "recipe")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 """A recipe name: one folder name under ``runs_root`` (no separator, not ``.`` / ``..``)."""
-
-
-class ConfigError(ValueError):
-    """A config that cannot be composed or validated; the message is one sentence for the user."""
 
 
 def list_options(group: str) -> list[str]:
@@ -68,6 +66,8 @@ def compose_config(overrides: Sequence[str] = ()) -> tuple[DictConfig, dict[str,
 
 def validate_config(cfg: DictConfig) -> None:
     """Checks no type can express (ranges, enumerations); one sentence per problem."""
+    from dipgo.search.tasks import available_tasks, get_task  # lazily: composing stays free of torch
+
     target = cfg.search.target
     if not 0.0 < target <= 1.0:
         raise ConfigError(
@@ -75,16 +75,13 @@ def validate_config(cfg: DictConfig) -> None:
         )
     _check_budgets(cfg)
     check_plain_name("recipe_name", cfg.recipe_name)
-    _one_of("supernet.kind", cfg.supernet.kind, ("reuse", "block", "mask", "joint"))
+    _one_of("supernet.kind", cfg.supernet.kind, available_tasks())  # the kind names live in the task registry
     _one_of("supernet.granularity", cfg.supernet.granularity, ("block", "layer"))
     _one_of("supernet.mode", cfg.supernet.mode, ("auto", "output", "residual"))
     _one_of("supernet.scheduler", cfg.supernet.scheduler, ("ddim", "dpmsolver++", "euler"))
     _one_of("data.kind", cfg.data.kind, ("diffusion", "prompts", "images", "text"))
     _one_of("supernet.cost", cfg.supernet.cost, ("macs", "latency"))
-    if cfg.supernet.kind == "mask":
-        _validate_mask(cfg)
-    if cfg.supernet.kind == "joint":
-        _validate_joint(cfg)
+    get_task(cfg.supernet.kind, cfg).validate(cfg)  # what only this kind needs
     _one_of("logger.wandb_mode", cfg.logger.wandb_mode, ("auto", "offline", "online", "disabled"))
     _one_of("search.cost.mode", cfg.search.cost.mode, ("two_sided", "hinge"))
     _one_of("search.cost.controller", cfg.search.cost.controller, ("dual", "fixed"))
@@ -127,48 +124,6 @@ def _check_budgets(cfg: DictConfig) -> None:
         raise ConfigError("search.target_range and search.plan_targets need search.pruner.budget_conditioned=true")
 
 
-def _validate_mask(cfg: DictConfig) -> None:
-    """The mask kind: search.target is a kept density in (0, 1); pattern / saliency / weighting enumerations."""
-    from dipgo.supernets.mask import PATTERNS
-
-    if not 0.0 < cfg.search.target < 1.0:
-        raise ConfigError(f"supernet.kind=mask needs search.target in (0, 1) (the kept density, 1 - sparsity: "
-                          f"0.5 = 50% sparse); got {cfg.search.target}")
-    _one_of("supernet.pattern", cfg.supernet.pattern, PATTERNS)
-    _one_of("supernet.saliency", cfg.supernet.saliency, ("magnitude", "wanda"))
-    _one_of("supernet.cost_weighting", cfg.supernet.cost_weighting, ("params", "macs"))
-    from dipgo.postprocess.sds import sds_refusal
-
-    sds = cfg.supernet.sds
-    problem = sds_refusal(sds.steps, sds.lr, sds.l1, sds.rounds)
-    if problem is not None:
-        raise ConfigError(problem)
-    if cfg.supernet.mask_temperature <= 0:
-        raise ConfigError(f"supernet.mask_temperature must be > 0; got {cfg.supernet.mask_temperature}")
-
-
-def _validate_joint(cfg: DictConfig) -> None:
-    """The joint kind: which kinds, and the mask part's enumerations when it is searched."""
-    from dipgo.supernets.joint import check_kinds
-
-    try:
-        kinds = check_kinds(cfg.supernet.kinds)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if cfg.supernet.cost != "macs":
-        raise ConfigError("supernet.kind=joint spends one budget in MACs (supernet.cost=macs): the sparsity's "
-                          "latency depends on kernels that the search does not model")
-    if "mask" in kinds:
-        _one_of("supernet.pattern", cfg.supernet.pattern, ("unstructured", "2:4", "4:8"))
-        _one_of("supernet.saliency", cfg.supernet.saliency, ("magnitude", "wanda"))
-    _one_of("supernet.mask_allocation", cfg.supernet.mask_allocation, ("layer", "global"))
-    if cfg.supernet.mask_calib_items < 1:
-        raise ConfigError(f"supernet.mask_calib_items must be at least 1; got {cfg.supernet.mask_calib_items}")
-    bad = [d for d in [cfg.supernet.mask_min_density, *cfg.supernet.split_densities] if not 0.0 < d <= 1.0]
-    if bad:
-        raise ConfigError(f"supernet.mask_min_density and supernet.split_densities are densities in (0, 1]; got {bad}")
-
-
 def load_saved_config(path: str | Path) -> DictConfig:
     """A run's saved ``config.yaml``, upgraded from older dipgo layouts so it merges onto today's schema
     (``supernet.sds`` was a boolean before it became a group)."""
@@ -186,11 +141,6 @@ def _legacy_overrides(overrides: Sequence[str]) -> list[str]:
         m = re.fullmatch(r"(\+{0,2}supernet\.sds)=(true|false|True|False)", o.strip())
         out.append(f"{m[1]}.enabled={m[2].lower()}" if m else o)
     return out
-
-
-def _one_of(key: str, value: str, accepted: Sequence[str]) -> None:
-    if value not in accepted:
-        raise ConfigError(f"{key}={value!r} is not supported; accepted: {', '.join(accepted)}")
 
 
 def explain_hydra_error(exc: BaseException) -> str:

@@ -72,7 +72,7 @@ class StepSampler(Sampler[int]):
         world_size: int = 1,
     ):
         if batch_size % world_size:
-            from dipgo.search.compose import ConfigError
+            from dipgo.errors import ConfigError
 
             raise ConfigError(
                 f"data.batch_size={batch_size} is the global batch and must be divisible by the {world_size} "

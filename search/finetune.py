@@ -12,7 +12,6 @@ settings as the search), so it logs, checkpoints and runs on the same devices.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -22,21 +21,7 @@ from torch.utils.data import DataLoader
 
 from dipgo.losses.distortion import DistortionConfig, distortion
 from dipgo.postprocess.plan import Plan
-
-
-@dataclass
-class FinetuneConfig:
-    """``search.finetune`` in the config."""
-
-    enabled: bool = False
-    """Fine-tune the SubNet after the search (block kind)."""
-    steps: int = 100
-    """Optimisation steps."""
-    lr: float = 1e-4
-    """AdamW learning rate (cosine decay)."""
-    anneal_fraction: float = 0.5
-    """Fraction of the steps over which the closed blocks fade from 1 to 0."""
-    batch_size: int = 32
+from dipgo.search.config import FinetuneConfig
 
 
 def fade(step: int, total: int, anneal_fraction: float) -> float:

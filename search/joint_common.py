@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from dipgo.errors import ConfigError, one_of
 from dipgo.postprocess.plan import Plan
 
 
@@ -122,3 +124,44 @@ def macs_density(mask_meta: dict[str, Any]) -> float | None:
     macs = torch.tensor(mask_meta["layer_macs"], dtype=torch.float64)
     dens = torch.tensor(mask_meta["density"], dtype=torch.float64)
     return round(float((macs * dens).sum() / macs.sum()), 4)
+
+
+def refuse_joint_export() -> None:
+    """``dipgo export`` of a joint plan (either variant): not written yet, one sentence why."""
+    raise ConfigError("dipgo export does not write joint plans yet; plan.json holds the structural part "
+                      "(reuse grid or removed blocks) and the per-layer densities")
+
+
+def validate_joint_config(cfg: DictConfig) -> None:
+    """The joint kind (either variant): which kinds, and the mask part's enumerations when it is searched."""
+    from dipgo.supernets.joint import check_kinds
+
+    try:
+        kinds = check_kinds(cfg.supernet.kinds)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.supernet.cost != "macs":
+        raise ConfigError("supernet.kind=joint spends one budget in MACs (supernet.cost=macs): the sparsity's "
+                          "latency depends on kernels that the search does not model")
+    if "mask" in kinds:
+        one_of("supernet.pattern", cfg.supernet.pattern, ("unstructured", "2:4", "4:8"))
+        one_of("supernet.saliency", cfg.supernet.saliency, ("magnitude", "wanda"))
+    one_of("supernet.mask_allocation", cfg.supernet.mask_allocation, ("layer", "global"))
+    if cfg.supernet.mask_calib_items < 1:
+        raise ConfigError(f"supernet.mask_calib_items must be at least 1; got {cfg.supernet.mask_calib_items}")
+    bad = [d for d in [cfg.supernet.mask_min_density, *cfg.supernet.split_densities] if not 0.0 < d <= 1.0]
+    if bad:
+        raise ConfigError(f"supernet.mask_min_density and supernet.split_densities are densities in (0, 1]; got {bad}")
+
+
+class JointTaskBase:
+    """What both joint tasks share: the kind name, its config checks, the refused export."""
+
+    kind = "joint"
+
+    def validate(self, cfg: DictConfig) -> None:
+        validate_joint_config(cfg)
+
+    def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
+        refuse_joint_export()
+        return out

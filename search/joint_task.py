@@ -6,8 +6,8 @@ blocks, not the tiny per-sample conditioning layers), mask gates whose Wanda nor
 from full trajectories; :class:`dipgo.supernets.joint.JointSuperNet` carries both. Plan: the
 learned densities (fitted to the budget when only ``mask`` is searched), the layers pruned with
 OBS reconstruction on calibration trajectories, then the reuse grid extracted and refined on the
-budget the sparsity left, scored on the pruned weights. Evaluate: held-out noise sampled by the
-full model and by the SubNet (sparse weights + reuse plan): PSNR, SSIM, FD.
+budget the sparsity left, scored on the pruned weights. Evaluation (held-out noise sampled by the
+full model and by the SubNet: PSNR, SSIM, FD) is the report's part (:mod:`dipgo.report.joint_eval`).
 
 ``supernet.kinds`` picks what is searched: ``[reuse, mask]`` (joint), ``[reuse]`` or ``[mask]``:
 the same code path alone, so a benchmark can compare the three at one budget.
@@ -16,22 +16,22 @@ the same code path alone, so a benchmark can compare the three at one budget.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.errors import PlanError
+from dipgo.postprocess.plan import Plan
 from dipgo.search.data import CalibrationDataModule, collate
 from dipgo.search.joint_common import (
+    JointTaskBase,
     find_mask_layers,
     install_mask_gates,
-    macs_density,
     prune_mask_part,
     shift_densities,
 )
-from dipgo.search.tasks import register_task
+from dipgo.search.registry import register_task
 
 
 def plain_sampler(model: torch.nn.Module, reuse: Any) -> Any:
@@ -51,7 +51,7 @@ def plain_sampler(model: torch.nn.Module, reuse: Any) -> Any:
 
 def build_joint(loaded: Any, cfg: DictConfig) -> Any:
     """Reuse gates + mask gates on ``loaded.model`` (a diffusion denoiser) as one SuperNet."""
-    from dipgo.report.macs import block_macs
+    from dipgo.measure.macs import block_macs
     from dipgo.search.mask_task import calibration_batches
     from dipgo.search.reuse_task import build_reuse_supernet, calibration_pool
     from dipgo.supernets.joint import JointSuperNet, check_kinds
@@ -83,10 +83,10 @@ def fit_densities(joint: Any, densities: torch.Tensor, target: float) -> torch.T
     step computed costs ``target``: the mask-only plan, and the floor a joint plan needs."""
     full_grid = [[True] * len(joint.reuse.block_names)] * joint.reuse.num_steps
     lo_d = joint.mask.config.min_density
-    fitted = shift_densities(densities, joint.mask._fixed.to(densities) < 0, lo_d,
+    fitted = shift_densities(densities, joint.mask.fixed_densities.to(densities) < 0, lo_d,
                              lambda d: joint.plan_cost(full_grid, d), target)
     if fitted is None:
-        floor = torch.where(joint.mask._fixed.to(densities) < 0, torch.full_like(densities, lo_d), densities)
+        floor = torch.where(joint.mask.fixed_densities.to(densities) < 0, torch.full_like(densities, lo_d), densities)
         raise PlanError(f"target {target:.3f} is below what weight sparsity alone can reach "
                         f"({joint.plan_cost(full_grid, floor.tolist()):.3f} at the minimum density {lo_d})")
     return fitted
@@ -102,7 +102,7 @@ def mask_candidates(joint: Any, learned: torch.Tensor, cfg: DictConfig) -> dict[
     target = float(cfg.search.target)
     steps, blocks = joint.reuse.num_steps, len(joint.reuse.block_names)
     floor_grid = [[True] * blocks] + [[False] * blocks] * (steps - 1)
-    fixed = joint.mask._fixed.to(learned)
+    fixed = joint.mask.fixed_densities.to(learned)
     learned = learned.clamp(min=float(cfg.supernet.mask_min_density))
     uniform = torch.ones_like(learned)
     if "reuse" not in joint.kinds:
@@ -171,7 +171,7 @@ def extract_joint_plan(probs: torch.Tensor, joint: Any, cfg: DictConfig) -> Plan
     layers pushed to the floor), which the measurement catches.
     """
     target = float(cfg.search.target)
-    joint._set_densities(None)  # the search leaves its last densities installed
+    joint.set_densities(None)  # the search leaves its last densities installed
     g_reuse, learned = joint.split(torch.as_tensor(probs, dtype=torch.float64))
     meta: dict[str, Any] = {"kinds": list(joint.kinds), "model_source": cfg.model.name,
                             "scheduler": cfg.supernet.scheduler, "guidance_scale": cfg.supernet.guidance_scale}
@@ -193,7 +193,7 @@ def extract_joint_plan(probs: torch.Tensor, joint: Any, cfg: DictConfig) -> Plan
                 best = (scores[name], name, dens, joint.pruned_state, pruned)
         _, chosen, densities, joint.pruned_state, pruned_info = best
         meta["mask"] = {"pattern": joint.mask.pattern.name, "layers": list(joint.layers), "density": densities,
-                        "learned_density": _rounded(learned), "layer_macs": joint._layer_macs.tolist(),
+                        "learned_density": _rounded(learned), "layer_macs": joint.layer_macs.tolist(),
                         **pruned_info}
         meta["split_search"] = {"scores": scores, "chosen": chosen}
     if has_reuse:
@@ -216,129 +216,22 @@ def cost_split(joint: Any, grid: Any, densities: list[float]) -> dict[str, float
             "both": round(joint.plan_cost(grid, densities or dense), 4)}
 
 
-def evaluate_joint(loaded: Any, joint: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
-    """Held-out fidelity of the SubNet (sparse weights + reuse plan) against the full model."""
-    from dipgo.report.fidelity import image_fidelity
-    from dipgo.report.reuse_eval import _digits_judge, eval_items
-
-    items = eval_items(loaded, cfg, cfg.report.num_samples, cfg.report.eval_seed)
-    labels = items.get("class_labels")
-    chunk = max(1, int(cfg.data.batch_size) * 4)
-    n = items["noise"].shape[0]
-    parts = [{k: v[a:a + chunk] for k, v in items.items() if isinstance(v, torch.Tensor)} for a in range(0, n, chunk)]
-    ref = torch.cat([joint.reference(b)["output"] for b in parts])
-    sub = torch.cat([joint.sample(b, plan.compute, pruned=joint.pruned_state is not None) for b in parts])
-    judge = _digits_judge(loaded)
-    kw = {"classifier": judge[0], "real_features": judge[1], "labels": labels} if judge is not None else {}
-    fid = image_fidelity(sub, ref, **kw)
-    row = {"name": "dipgo", "cost_ratio": plan.cost_ratio, **{k: float(v) for k, v in fid.items()}}
-    mask_meta = plan.meta.get("mask", {})
-    report = {"kind": "joint", "kinds": list(joint.kinds), "target": plan.target, "cost_ratio": plan.cost_ratio,
-              "cost_split": plan.meta.get("cost_split"), "fidelity_metric": "psnr", "num_samples": n,
-              "mask_density_macs": macs_density(mask_meta), "variants": [row],
-              "refine": {k: v for k, v in plan.meta.get("refine", {}).items() if k != "seed_scores"}}
-    plots = {"joint_plan": _plot(plan, run_dir)}
-    return report, plots
-
-
-def _plot(plan: Plan, run_dir: Path) -> Path:
-    """Reuse grid (steps x units) beside the per-layer densities: where the budget went."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [1, 1.4]})
-    grid = torch.tensor(plan.compute, dtype=torch.float32).T  # (B, S)
-    axes[0].imshow(grid, aspect="auto", cmap="Greens", vmin=0, vmax=1, interpolation="nearest")
-    axes[0].set(title="reuse: computed (green) per step", xlabel="sampling step", ylabel="unit")
-    axes[0].set_yticks(range(len(plan.blocks)), plan.blocks, fontsize=6)
-    mask = plan.meta.get("mask")
-    if mask:
-        axes[1].bar(range(len(mask["density"])), mask["density"], color="tab:blue")
-        axes[1].set_xticks(range(len(mask["layers"])), [p.replace("transformer_blocks.", "b") for p in mask["layers"]],
-                           rotation=90, fontsize=5)
-        axes[1].set(title="mask: kept density per layer", ylim=(0, 1.02))
-    else:
-        axes[1].axis("off")
-    split = plan.meta.get("cost_split", {})
-    fig.suptitle(f"joint plan {'+'.join(plan.meta.get('kinds', []))}: kept MACs {plan.cost_ratio:.3f} "
-                 f"(reuse alone {split.get('reuse_only', 1):.3f}, sparsity alone {split.get('mask_only', 1):.3f})")
-    fig.tight_layout()
-    path = run_dir / "joint_plan.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _routes_to_block(cfg: DictConfig) -> bool:
-    from dipgo.search.joint_block import routes_here
-
-    return routes_here(cfg)
-
-
-def _block_impl() -> Any:
-    """The block + mask variant (ViT / CNN / encoder), in :mod:`dipgo.search.joint_block`."""
-    from dipgo.search.joint_block import BlockJointTask
-
-    return BlockJointTask()
-
-
 @register_task("joint")
-class JointTask:
-    """Several gate kinds under one MACs budget: reuse + mask on a diffusion denoiser (here), block +
-    mask on a classifier or encoder (:mod:`dipgo.search.joint_block`), chosen by ``supernet.kinds``."""
+class JointTask(JointTaskBase):
+    """Reuse + mask on a diffusion denoiser under one MACs budget: the default ``joint`` task. The
+    block + mask variant for classifiers and encoders (:class:`dipgo.search.joint_block_task.BlockJointTask`)
+    is registered for the configs :func:`~dipgo.search.joint_block_task.routes_here` accepts."""
 
-    kind = "joint"
+    variant = None
 
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
-        if _routes_to_block(cfg):
-            return _block_impl().build(loaded, cfg)
         return build_joint(loaded, cfg)
 
     def datamodule(self, loaded: Any, supernet: Any, cfg: DictConfig) -> Any:
         from dipgo.search.reuse_task import calibration_pool
 
-        if _routes_to_block(cfg):
-            return _block_impl().datamodule(loaded, supernet, cfg)
         return CalibrationDataModule(calibration_pool(loaded, cfg), cfg.data.batch_size, cfg.data.steps_per_epoch,
                                      cfg.seed, cfg.data.num_workers)
 
     def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
-        if _routes_to_block(cfg):
-            return _block_impl().extract_plan(probs, supernet, cfg)
         return extract_joint_plan(probs, supernet, cfg)
-
-    def evaluate(self, loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
-        if _routes_to_block(cfg):
-            return _block_impl().evaluate(loaded, supernet, plan, cfg, run_dir)
-        return evaluate_joint(loaded, supernet, plan, cfg, run_dir)
-
-    def summary_lines(self, report: dict[str, Any]) -> list[str]:
-        if report.get("joint_variant") == "block_mask":
-            return _block_impl().summary_lines(report)
-        row = report["variants"][0]
-        split = report.get("cost_split") or {}
-        lines = [f"joint search ({' + '.join(report['kinds'])}): kept MACs {report['cost_ratio']:.3f} "
-                 f"(target {report['target']:.3f}); reuse alone would keep {split.get('reuse_only', 1):.3f}, "
-                 f"the sparsity alone {split.get('mask_only', 1):.3f}",
-                 f"fidelity vs the full model on {report['num_samples']} held-out samples: PSNR {row['psnr']:.2f} dB, "
-                 f"SSIM {row['ssim']:.4f}" + (f", FD {row['fd']:.3f} (full model {row['fd_reference']:.3f})" if "fd" in row else "")]
-        if report.get("mask_density_macs") is not None:
-            lines.append(f"masked layers keep {report['mask_density_macs']:.3f} of their MACs")
-        return lines
-
-    def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict:
-        from dipgo.search.compose import ConfigError
-
-        raise ConfigError("dipgo bench does not run joint plans yet: their report gives the kept MACs and "
-                          "fidelity; unstructured sparsity needs sparse kernels to turn MACs into time")
-
-    def bench_lines(self, result: dict[str, Any]) -> list[str]:
-        return []
-
-    def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
-        from dipgo.search.compose import ConfigError
-
-        raise ConfigError("dipgo export does not write joint plans yet; plan.json holds the structural part "
-                          "(reuse grid or removed blocks) and the per-layer densities")

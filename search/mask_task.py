@@ -5,10 +5,10 @@ threshold on its saliency (:func:`dipgo.supernets.mask.apply_mask_gates`); Wanda
 come from the calibration pool. Data: the same calibration pools as the block kind (tokenised
 training sentences for encoders, digits training images for classifiers). Plan: the learned
 densities projected onto the exact global density (:mod:`dipgo.postprocess.mask_plan`).
-Evaluate: the plan pruned with OBS reconstruction + distillation, the four one-shot baselines at
-the same sparsity, held-out fidelity, the SubNet on the block-sparse kernels timed against the
-dense model, exported as safetensors + JSON. Bench (``dipgo bench``): the dense model against the
-plan's kernel SubNet with masks from saliency and weights only zeroed (:mod:`dipgo.report.mask_bench`).
+SubNet (:func:`build_subnet`, also what the report measures): the plan pruned with OBS
+reconstruction + distillation, on the block-sparse kernels where they pay, exported as
+safetensors + JSON. Evaluation and ``dipgo bench`` are the report's part
+(:mod:`dipgo.report.mask_eval`, :mod:`dipgo.report.mask_bench`).
 
 ``search.target`` is the kept density (1 - sparsity) of the prunable layers, weighted by
 parameters or MACs (``supernet.cost_weighting``).
@@ -16,14 +16,18 @@ parameters or MACs (``supernet.cost_weighting``).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
+from dipgo.errors import ConfigError, one_of
+from dipgo.models.configured import load_configured_model
 from dipgo.postprocess.plan import Plan
-from dipgo.search.tasks import load_configured_model, register_task
+from dipgo.search.registry import register_task
 
 
 def gate_config(cfg: DictConfig) -> Any:
@@ -52,11 +56,31 @@ class MaskTask:
     """Sparsity: one learned density per prunable layer."""
 
     kind = "mask"
+    variant = None
+
+    def validate(self, cfg: DictConfig) -> None:
+        """search.target is a kept density in (0, 1); pattern / saliency / weighting enumerations, SDS."""
+        from dipgo.postprocess.sds import sds_refusal
+        from dipgo.supernets.mask import PATTERNS
+
+        if not 0.0 < cfg.search.target < 1.0:
+            raise ConfigError(f"supernet.kind=mask needs search.target in (0, 1) (the kept density, 1 - sparsity: "
+                              f"0.5 = 50% sparse); got {cfg.search.target}")
+        one_of("supernet.pattern", cfg.supernet.pattern, PATTERNS)
+        one_of("supernet.saliency", cfg.supernet.saliency, ("magnitude", "wanda"))
+        one_of("supernet.cost_weighting", cfg.supernet.cost_weighting, ("params", "macs"))
+        sds = cfg.supernet.sds
+        problem = sds_refusal(sds.steps, sds.lr, sds.l1, sds.rounds)
+        if problem is not None:
+            raise ConfigError(problem)
+        if cfg.supernet.mask_temperature <= 0:
+            raise ConfigError(f"supernet.mask_temperature must be > 0; got {cfg.supernet.mask_temperature}")
 
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
+        from dipgo.errors import UnsupportedModelError
+        from dipgo.models.io import output_fn_for
         from dipgo.postprocess.mask_plan import check_mask_target
-        from dipgo.search.block_task import _check_data, _example, calibration_pool, output_fn_for
-        from dipgo.supernets.adapters import UnsupportedModelError
+        from dipgo.search.block_task import _check_data, _example, calibration_pool
         from dipgo.supernets.mask import apply_mask_gates
 
         try:
@@ -85,41 +109,35 @@ class MaskTask:
 
         return extract_mask_plan(probs, supernet, cfg.search.target, meta={"model_source": cfg.model.name})
 
-    def evaluate(self, loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
-        from dipgo.report.mask_eval import evaluate_mask
-
-        return evaluate_mask(loaded, supernet, plan, cfg, run_dir)
-
-    def summary_lines(self, report: dict[str, Any]) -> list[str]:
-        from dipgo.report.mask_eval import summary_lines
-
-        return summary_lines(report)
-
-    def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict:
-        """Dense vs kernel SubNet of ``plan`` (masks from saliency, no reconstruction); see :mod:`dipgo.report.mask_bench`."""
-        from dipgo.report.mask_bench import bench_mask_plan
-
-        return bench_mask_plan(cfg, plan, runs=runs, warmup=warmup, batch=batch, threads=threads)
-
-    def bench_lines(self, result: dict[str, Any]) -> list[str]:
-        from dipgo.report.mask_bench import bench_lines
-
-        return bench_lines(result)
-
     def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
-        from dipgo.report.mask_eval import build_subnet
-
         loaded = load_configured_model(cfg)
         supernet = self.build(loaded, cfg)
         subnet, _, _ = build_subnet(loaded, supernet, plan, cfg)
-        path = _export(subnet, plan, out, loaded)
+        path = export_subnet(subnet, plan, out, loaded)
         return path
 
 
-def _export(subnet: Any, plan: Plan, out: Path, loaded: Any) -> Path:
+def export_subnet(subnet: nn.Module, plan: Plan, out: Path, loaded: Any) -> Path:
+    """The kernel SubNet as safetensors + JSON (with the tokenizer of an encoder, usable on its own)."""
     from dipgo.postprocess.mask_subnet import export_mask_subnet
 
     path = export_mask_subnet(subnet, plan, out, {"source": loaded.source, "kind": loaded.kind})
     if getattr(loaded, "tokenizer", None) is not None:
         loaded.tokenizer.save_pretrained(str(path))
     return path
+
+
+def build_subnet(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig) -> tuple[nn.Module, dict, dict]:
+    """``(kernel SubNet, keep masks, conversion report)`` of ``plan`` (removes the gates)."""
+    from dipgo.postprocess.mask_subnet import kernel_block, prune_with_plan, to_kernels
+
+    model = supernet.remove()
+    stages: dict[str, Any] = {}
+    pruned, masks = prune_with_plan(model, plan, supernet.saliency, supernet.calibration_batches, supernet.output_fn,
+                                    reconstruct=cfg.supernet.reconstruct, distill_steps=cfg.supernet.distill_steps,
+                                    distill_lr=cfg.supernet.distill_lr, sds=cfg.supernet.get("sds"),
+                                    norms=supernet.norms, stages=stages)
+    kern = copy.deepcopy(pruned)
+    tokens = cfg.report.latency_batch * (cfg.data.max_length if loaded.kind == "encoder" else 1)
+    conversion = to_kernels(kern, masks, kernel_block(plan), tokens=tokens)
+    return kern, masks, {"pruned": pruned, "conversion": conversion, **stages}

@@ -17,20 +17,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dipgo.losses.cost import CostConfig, CostController, cost_loss
 from dipgo.losses.distortion import DistortionConfig, distortion
+from dipgo.search.config import config_of
 from dipgo.search.data import _generator, collate, map_tensors
 from dipgo.search.pruner import PrunerConfig, PrunerNetwork, gumbel_gates, keep_probs, temperature
 from dipgo.supernets.gates import SuperNet
-
-
-def _dataclass_from(cls: type, node: DictConfig | dict | None) -> Any:
-    """Build a dataclass from a config node, keeping only the fields the dataclass has."""
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
-    names = set(cls.__dataclass_fields__)
-    return cls(**{k: v for k, v in data.items() if k in names})
 
 
 class SearchModule(pl.LightningModule):
@@ -51,9 +45,9 @@ class SearchModule(pl.LightningModule):
         self.search_cfg = search_cfg
         self.seed, self.max_steps = seed, max_steps
         self.target = float(search_cfg.target)
-        self.pruner_cfg: PrunerConfig = _dataclass_from(PrunerConfig, search_cfg.pruner)
-        self.distortion_cfg: DistortionConfig = _dataclass_from(DistortionConfig, search_cfg.distortion)
-        self.cost_cfg: CostConfig = _dataclass_from(CostConfig, search_cfg.cost)
+        self.pruner_cfg: PrunerConfig = config_of(PrunerConfig, search_cfg.pruner)
+        self.distortion_cfg: DistortionConfig = config_of(DistortionConfig, search_cfg.distortion)
+        self.cost_cfg: CostConfig = config_of(CostConfig, search_cfg.cost)
         self.pruner = PrunerNetwork(supernet.slots, self.pruner_cfg, grid=getattr(supernet, "grid_shape", None))
         self.controller = CostController(self.cost_cfg)
         self._ref_cache: dict[int, dict[str, torch.Tensor]] = {}

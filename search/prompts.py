@@ -263,7 +263,7 @@ class PromptPool(Dataset):
         other = [type(enc).__name__ for _, enc in pairs if not type(enc).__name__.startswith("CLIPText")]
         if other:  # T5-conditioned pipelines (PixArt, SD3, Flux) also need masks and other extras
             raise ValueError(f"data.kind=prompts supports CLIP text encoders (Stable Diffusion 1.x/2.x/XL), not {', '.join(other)}")
-        from dipgo.search.reuse_task import sample_spec
+        from dipgo.models.io import sample_spec
 
         self.size, self.seed = size, seed
         self.shape = sample_spec(unet)[0]  # (C, H, W)

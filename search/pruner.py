@@ -29,82 +29,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from dipgo.search.config import TAU_SCHEDULES, PrunerConfig
 from dipgo.supernets.gates import GATE_KINDS, GateSlot
-
-TAU_SCHEDULES: tuple[str, ...] = ("cosine", "linear", "exp")
 
 # Index 0 of the last logit axis means "close / reuse", index 1 means "compute / keep".
 CLOSE, KEEP = 0, 1
-
-
-@dataclass
-class PrunerConfig:
-    """Hyper-parameters of :class:`PrunerNetwork` and of its Gumbel temperature schedule."""
-
-    d_model: int = 64
-    """Width of the slot queries and of the transformer across slots."""
-    num_layers: int = 2
-    """Transformer encoder layers; 0 turns the pruner into independent per-slot logits + MLP."""
-    num_heads: int = 4
-    """Attention heads; must divide ``d_model``."""
-    dropout: float = 0.0
-    """Dropout inside the transformer. 0 keeps the search deterministic given the seed."""
-    init_keep_logit: float = 3.0
-    """Initial logit gap keep-minus-close: every slot starts at p(keep) = sigmoid(this), i.e. the
-    search starts from "compute everything", the original model, and closes gates from there."""
-    tau_start: float = 1.0
-    """Gumbel-softmax temperature at step 0 (soft samples, exploratory gradients)."""
-    tau_end: float = 0.1
-    """Temperature at the last step (near-hard samples, faithful to the final SubNet)."""
-    tau_schedule: str = "cosine"
-    """How the temperature moves from ``tau_start`` to ``tau_end``: cosine, linear or exp."""
-    budget_conditioned: bool = False
-    """Add an embedding of the target budget to every query, so one trained pruner yields
-    plans for a range of budgets; ``forward`` then requires ``budget``."""
-    hard: bool = True
-    """Straight-through gates: forward uses hard 0/1 decisions, backward the soft sample."""
-    slot_logit_scale: float = 10.0
-    """Multiplier of each slot's own free logit (added to the network's output). Adam moves every
-    parameter by about ``lr`` per step, so a plain free logit could travel only ~2 units in 200
-    steps at lr 1e-2, too little to close a gate that starts at +3; the multiplier (a
-    re-parametrisation) lets each slot's decision move ~10x faster and independently of the
-    others, while the shared network supplies structure across slots and the budget
-    conditioning. 0 disables the free logits (network only)."""
-    logit_l2: float = 1e-3
-    """Weight of :meth:`PrunerNetwork.regularizer`, a small L2 penalty on the keep-minus-close
-    logit gap that the search loop adds to its loss. Without it Adam drives logits to +-20,
-    where sigmoid gradients vanish and the gates freeze before the budget is met; with it gaps
-    settle around 5 to 7 (p ~ 0.995), decided yet still movable."""
-
-    def __post_init__(self) -> None:
-        if self.d_model < 1 or self.num_heads < 1 or self.d_model % self.num_heads != 0:
-            raise ValueError(
-                f"pruner.d_model must be a positive multiple of pruner.num_heads; "
-                f"got d_model={self.d_model}, num_heads={self.num_heads}"
-            )
-        if self.num_layers < 0:
-            raise ValueError(f"pruner.num_layers must be >= 0; got {self.num_layers}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"pruner.dropout must be in [0, 1); got {self.dropout}")
-        if not (self.tau_start > 0 and self.tau_end > 0):
-            raise ValueError(
-                f"pruner.tau_start and pruner.tau_end must be > 0; got {self.tau_start}, {self.tau_end}"
-            )
-        if self.slot_logit_scale < 0 or self.logit_l2 < 0:
-            raise ValueError(
-                f"pruner.slot_logit_scale and pruner.logit_l2 must be >= 0; "
-                f"got {self.slot_logit_scale}, {self.logit_l2}"
-            )
-        if self.tau_schedule not in TAU_SCHEDULES:
-            raise ValueError(
-                f"pruner.tau_schedule must be one of {', '.join(TAU_SCHEDULES)}; got {self.tau_schedule!r}"
-            )
 
 
 def _check_grid(slots: Sequence[GateSlot], grid: tuple[int, int]) -> None:

@@ -3,10 +3,9 @@
 Build: wrap the denoiser into a :class:`~dipgo.supernets.reuse.ReuseSuperNet`. Data: a pool of
 noises (+ class labels), or of noises + prompt embeddings for text-to-image pipelines
 (``data.kind=prompts``, :mod:`dipgo.search.prompts`). Plan: exact-budget extraction with
-dependency repair. Evaluate: sample the same evaluation noise with the full model, the SubNet
-(plan installed on the plain diffusers model, reused blocks really skipped) and baselines at the
-same MACs; measure fidelity and interleaved wall-clock latency; draw the heatmap, sample grid and
-loss curves.
+dependency repair, refined on calibration data. Export: the plan beside the model source, run on
+the plain diffusers model (reused blocks really skipped). Evaluation is the report's part
+(:mod:`dipgo.report.reuse_eval`).
 """
 
 from __future__ import annotations
@@ -19,29 +18,11 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
+from dipgo.models.configured import load_configured_model
+from dipgo.models.io import sample_spec, text_conditioned
 from dipgo.postprocess.plan import Plan
 from dipgo.search.data import CalibrationDataModule, NoisePool, collate, map_tensors
-from dipgo.search.tasks import load_configured_model, register_task
-
-
-def sample_spec(model: torch.nn.Module) -> tuple[tuple[int, int, int], int | None]:
-    """``((C, H, W), num_classes)`` of a diffusers denoiser, read from its config.
-
-    ``num_classes`` excludes the null label used for classifier-free guidance: a UNet2DModel
-    with ``num_class_embeds=11`` has 10 classes; a DiT with ``num_embeds_ada_norm=10`` has 10.
-    """
-    from dipgo.supernets.sampling import null_class_for
-
-    size = model.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    # the null label sits right after the real classes, so its index is the class count
-    return (model.config.in_channels, h, w), null_class_for(model)
-
-
-def _text_conditioned(model: torch.nn.Module) -> bool:
-    """Cross-attention denoisers (UNet2DConditionModel, PixArt) need text embeddings, not labels."""
-    return getattr(model.config, "cross_attention_dim", None) is not None
-
+from dipgo.search.registry import register_task
 
 # The pool of the last search per denoiser: refine() only sees the SuperNet, and the prompt
 # embeddings are worth computing once (weak keys: a dropped model frees its pool).
@@ -95,7 +76,7 @@ def reuse_config(cfg: DictConfig, loaded: Any) -> Any:
 def build_reuse_supernet(loaded: Any, cfg: DictConfig) -> Any:
     """Reuse gates on ``loaded.model`` (a diffusers UNet or DiT), checked against the data kind;
     no budget check (a joint search spends the budget across kinds)."""
-    from dipgo.supernets.adapters import UnsupportedModelError
+    from dipgo.errors import UnsupportedModelError
     from dipgo.supernets.reuse import apply_reuse
 
     if loaded.kind not in ("diffusion_unet", "diffusion_dit"):
@@ -107,7 +88,7 @@ def build_reuse_supernet(loaded: Any, cfg: DictConfig) -> Any:
         raise UnsupportedModelError(
             f"supernet.kind=reuse calibrates on data.kind=diffusion (noise + labels) or prompts (noise + text), not {cfg.data.kind!r}"
         )
-    if cfg.data.kind == "diffusion" and _text_conditioned(loaded.model):
+    if cfg.data.kind == "diffusion" and text_conditioned(loaded.model):
         raise UnsupportedModelError(
             f"{loaded.source} is a text-conditioned {type(loaded.model).__name__}: use data=prompts (noise + prompt embeddings)"
         )
@@ -124,12 +105,16 @@ class ReuseTask:
     """Timestep feature reuse: one gate per (sampling step, block)."""
 
     kind = "reuse"
+    variant = None
+
+    def validate(self, cfg: DictConfig) -> None:
+        """Nothing beyond the checks every kind shares (:func:`dipgo.search.compose.validate_config`)."""
 
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
         """The reuse SuperNet, refused before training (so before any run folder exists) when a
         target cannot be reached: the floor (every block reused after step 0) is known once the
         per-block MACs are counted."""
-        from dipgo.postprocess.plan import PlanError
+        from dipgo.errors import PlanError
         from dipgo.postprocess.reuse_plan import check_reachable
 
         supernet = build_reuse_supernet(loaded, cfg)
@@ -156,26 +141,6 @@ class ReuseTask:
         if cfg.search.refine.enabled:
             plan = refine(plan, probs, supernet, cfg)
         return plan
-
-    def evaluate(self, loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
-        from dipgo.report.reuse_eval import evaluate_reuse
-
-        return evaluate_reuse(loaded, supernet, plan, cfg, run_dir)
-
-    def summary_lines(self, report: dict[str, Any]) -> list[str]:
-        from dipgo.report.reuse_eval import summary_lines
-
-        return summary_lines(report)
-
-    def bench(self, cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict:
-        from dipgo.report.reuse_eval import bench_plan
-
-        return bench_plan(cfg, plan, runs=runs, warmup=warmup, batch=batch, threads=threads)
-
-    def bench_lines(self, result: dict[str, Any]) -> list[str]:
-        from dipgo.report.reuse_eval import bench_lines
-
-        return bench_lines(result)
 
     def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
         from dipgo.postprocess.reuse_subnet import ReuseSubNet

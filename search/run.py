@@ -20,12 +20,16 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-from dipgo.postprocess.plan import Plan, write_bytes_atomic, write_json_atomic
+from dipgo.errors import ConfigError
+from dipgo.files import write_bytes_atomic, write_json_atomic
+from dipgo.models.configured import load_configured_model
+from dipgo.postprocess.plan import Plan
+from dipgo.report.kinds import get_reporter
 from dipgo.search.budget import budget_plans
-from dipgo.search.compose import ConfigError, check_plain_name, load_saved_config, validate_config
+from dipgo.search.compose import check_plain_name, load_saved_config, validate_config
 from dipgo.search.module import SearchModule
 from dipgo.search.progress import FirstStepEstimate, StepProgressBar, describe_search, format_duration
-from dipgo.search.tasks import get_task, load_configured_model
+from dipgo.search.tasks import get_task
 from dipgo.search.tracking import finish, log_artifacts, log_images, log_summary, make_loggers
 
 RUN_DIR_ENV = "DIPGO_RUN_DIR"
@@ -137,7 +141,7 @@ def run_search(
     if cfg.resume:
         cfg, run_dir, ckpt_path = load_resume(cfg.resume)
     _check_global_batch(cfg)
-    task = get_task(cfg.supernet.kind)
+    task = get_task(cfg.supernet.kind, cfg)
     loaded = load_configured_model(cfg)
     supernet = task.build(loaded, cfg)
     datamodule = task.datamodule(loaded, supernet, cfg)
@@ -208,7 +212,8 @@ def run_search(
     say(f"dipgo search: plan written in {format_duration(time.perf_counter() - t1)} ({plan.cost_ratio:.1%} kept); "
         f"measuring it against the full model and {len(cfg.report.baselines)} baseline kinds for the report", flush=True)
     t2 = time.perf_counter()
-    report, plots = task.evaluate(loaded, supernet, plan, cfg, run_dir)
+    reporter = get_reporter(cfg.supernet.kind, task.variant)
+    report, plots = reporter.evaluate(loaded, supernet, plan, cfg, run_dir)
     say(f"dipgo search: report done in {format_duration(time.perf_counter() - t2)}", flush=True)
     report = {"recipe": cfg.recipe_name, "run_dir": str(run_dir), "search_seconds": round(search_s, 2), **report}
     if extra:
@@ -220,7 +225,7 @@ def run_search(
     log_artifacts(loggers, run_dir, [run_dir / "report.json", run_dir / "plan.json", *map(Path, plots.values())],
                   name=f"{cfg.recipe_name}-{run_dir.parent.name}-{run_dir.name}")
     finish(loggers)
-    return RunResult(run_dir, plan, report, task.summary_lines(report))
+    return RunResult(run_dir, plan, report, reporter.summary_lines(report))
 
 
 def _headline(report: dict[str, Any]) -> dict[str, Any]:

@@ -30,13 +30,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dipgo.search.compose import (
-    CONFIG_MODULE,
-    ConfigError,
-    compose_config,
-    explain_hydra_error,
-    validate_config,
-)
+from dipgo.errors import ConfigError, one_line, user_errors
+from dipgo.search.compose import CONFIG_MODULE, compose_config, explain_hydra_error, validate_config
 
 SWEEP_FILE = "sweep.json"
 JOB_NAME = "dipgo_search"
@@ -220,7 +215,7 @@ def _record(i: int, point: list[str], label: str, ret: Any) -> dict[str, Any]:
     if ret.status == JobStatus.COMPLETED and isinstance(ret.return_value, dict):
         record.update(ret.return_value)
     else:  # the task function catches everything; this is a launcher-level failure
-        error = _one_line(ret._return_value) if ret.status == JobStatus.FAILED else "the job returned nothing"
+        error = one_line(ret._return_value) if ret.status == JobStatus.FAILED else "the job returned nothing"
         record.update({"status": "failed", "error": error})
         print(f"dipgo search: point {i} ({label}) failed: {error}", file=sys.stderr)
     return record
@@ -234,7 +229,6 @@ def sweep_point(cfg: DictConfig, *, swept: tuple[str, ...], group: str, quiet: b
     """
     from hydra.core.hydra_config import HydraConfig
 
-    from dipgo.cli import user_errors
     from dipgo.search.run import run_search
 
     hc = HydraConfig.get()
@@ -251,10 +245,10 @@ def sweep_point(cfg: DictConfig, *, swept: tuple[str, ...], group: str, quiet: b
         with _plain_command_for_ddp_workers(point, quiet):
             result = run_search(cfg, quiet=quiet, job_dir=job_dir)
     except user_errors() as exc:
-        return _failed(name, job_dir, _one_line(exc))
+        return _failed(name, job_dir, one_line(exc))
     except Exception as exc:  # a bug: keep its traceback in the job's log, one sentence on stderr
         traceback.print_exc()
-        return _failed(name, job_dir, f"{type(exc).__name__}: {_one_line(exc)}")
+        return _failed(name, job_dir, f"{type(exc).__name__}: {one_line(exc)}")
     if result.report:
         print("\n".join(["", f"dipgo search: {name}: {result.run_dir}", *result.summary]))
     return {"status": "ok", "run_dir": str(result.run_dir)}
@@ -294,14 +288,8 @@ def _failed(name: str, job_dir: Path, error: str) -> dict[str, Any]:
     return {"status": "failed", "error": error, "run_dir": str(job_dir)}
 
 
-def _one_line(exc: BaseException) -> str:
-    from dipgo.cli import _one_line as one_line
-
-    return one_line(exc)
-
-
 def _write_json(path: Path, data: Any) -> None:
-    from dipgo.postprocess.plan import write_json_atomic
+    from dipgo.files import write_json_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, json.loads(json.dumps(data, default=str)))

@@ -10,7 +10,7 @@ own null class, another block layout) register an adapter with
   ``block(x) - x`` on the current input (``"residual"``);
 * who consumes each unit's output (:class:`ConsumerGraph`), so that work consumed only by reused
   units is skipped too (the dependency cascade that finds DeepCache's shallow branch);
-* nothing else: costs come from ``dipgo.report.macs`` and the loop from ``supernets.sampling``.
+* nothing else: costs come from ``dipgo.measure.macs`` and the loop from ``supernets.sampling``.
 """
 
 from __future__ import annotations
@@ -20,13 +20,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from dipgo.errors import UnsupportedModelError
+
 BLOCK_ATTRIBUTES: tuple[str, ...] = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "blocks")
 GRANULARITIES: tuple[str, ...] = ("block", "layer")
 MODES: tuple[str, ...] = ("auto", "output", "residual")
-
-
-class UnsupportedModelError(ValueError):
-    """The model has no blocks that the reuse gate kind knows how to cache."""
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from dipgo.report.macs import count_macs
-from dipgo.supernets.adapters import UnsupportedModelError
+from dipgo.errors import UnsupportedModelError
+from dipgo.measure.macs import count_macs
 from dipgo.supernets.gates import GateSlot, freeze
 
 # (model, batch) -> the tensor the distortion compares (logits, pooled embedding...)
@@ -473,7 +473,7 @@ def apply_block_gates(model: nn.Module, example: dict[str, torch.Tensor],
     """Wrap ``model`` into a :class:`BlockSuperNet` (frozen, eval mode, hooks installed).
 
     ``example``: one calibration batch (batch size 1 is enough) used to find the shape-preserving
-    blocks and to count MACs per block and per model (``dipgo.report.macs``), per batch element.
+    blocks and to count MACs per block and per model (``dipgo.measure.macs``), per batch element.
     ``output_fn(model, batch)``: the tensor the distortion compares; default ``model(batch["images"])``.
     """
     if model in _INSTALLED:

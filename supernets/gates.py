@@ -33,7 +33,7 @@ class GateSlot:
         block: module path of the gated block inside the wrapped model (``"up_blocks.1"``), so a
             Plan can name what it removes and be checked against another model.
         cost: MACs saved when the slot is closed, ignoring dependency cascades (the cost model
-            of the SuperNet adds those). Counted by ``dipgo.report.macs``, never by hand.
+            of the SuperNet adds those). Counted by ``dipgo.measure.macs``, never by hand.
         step: sampling step index for ``reuse`` slots, ``None`` for the other kinds.
     """
 

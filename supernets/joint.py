@@ -83,7 +83,7 @@ class JointSuperNet:
         self.reuse, self.mask = reuse, mask if "mask" in self.kinds else None
         self.model = reuse.model
         self.layers: list[str] = list(mask.layers) if self.mask is not None else []
-        self._layer_macs = torch.tensor(list(layer_macs), dtype=torch.float64)  # (L,) per denoiser call
+        self.layer_macs = torch.tensor(list(layer_macs), dtype=torch.float64)  # (L,) per denoiser call
         owner = layer_units(self.layers, reuse.block_names)
         self._in_unit = torch.zeros(len(self.layers), len(reuse.block_names), dtype=torch.float64)  # (L, B)
         for i, b in enumerate(owner):
@@ -92,7 +92,7 @@ class JointSuperNet:
         reuse_slots = reuse.slots if "reuse" in self.kinds else []
         steps = reuse.num_steps
         mask_slots = [GateSlot(name=f"mask/{p}", kind="mask", block=p, cost=float(m) * steps)
-                      for p, m in zip(self.layers, self._layer_macs.tolist())]
+                      for p, m in zip(self.layers, self.layer_macs.tolist())]
         self.slots: list[GateSlot] = [*reuse_slots, *mask_slots]
         self.soft_slots = torch.tensor([False] * len(reuse_slots) + [True] * len(mask_slots))  # (N,)
         self.grid_shape = reuse.grid_shape if reuse_slots else None
@@ -117,7 +117,7 @@ class JointSuperNet:
             dens = self.mask.effective(dens)
         return g_reuse, dens
 
-    def _set_densities(self, densities: torch.Tensor | None) -> None:
+    def set_densities(self, densities: torch.Tensor | None) -> None:
         """Mask hooks compute with these densities (``None``: dense weights). They stay set after
         :meth:`gated` returns, so a backward pass that recomputes a step sees the same masks."""
         if self.mask is not None:
@@ -130,7 +130,7 @@ class JointSuperNet:
         call = torch.tensor(self.reuse._dense_call_macs, dtype=densities.dtype, device=densities.device)
         if not self.layers:
             return unit, call
-        saved = (1 - densities) * self._layer_macs.to(densities)  # (L,)
+        saved = (1 - densities) * self.layer_macs.to(densities)  # (L,)
         return unit - saved @ self._in_unit.to(densities), call - saved.sum()
 
     def full_cost(self) -> float:
@@ -155,12 +155,12 @@ class JointSuperNet:
     # ---- trajectories ------------------------------------------------------------------------
     def reference(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The dense model's trajectory (masks off, the dense weights)."""
-        self._set_densities(None)
+        self.set_densities(None)
         return self.reuse.reference(batch)
 
     def gated(self, batch: Mapping[str, Any], gates: torch.Tensor) -> dict[str, torch.Tensor]:
         g_reuse, dens = self.split(gates)
-        self._set_densities(dens if self.layers else None)
+        self.set_densities(dens if self.layers else None)
         return self.reuse.gated(batch, g_reuse)
 
     def sample(self, batch: Mapping[str, Any], grid: Any = None, densities: torch.Tensor | None = None,
@@ -170,14 +170,14 @@ class JointSuperNet:
         if pruned:
             if self.pruned_state is None:
                 raise RuntimeError("no reconstructed weights yet: the plan's mask part has not been pruned")
-            self._set_densities(None)
+            self.set_densities(None)
             with swapped_weights(self.model, self.pruned_state):
                 return self.reuse.sample(batch, grid)
-        self._set_densities(None if densities is None else torch.as_tensor(densities, dtype=torch.float32))
+        self.set_densities(None if densities is None else torch.as_tensor(densities, dtype=torch.float32))
         try:
             return self.reuse.sample(batch, grid)
         finally:
-            self._set_densities(None)
+            self.set_densities(None)
 
     def remove(self) -> None:
         """Remove every hook; the model is handed back with its dense weights and flags."""

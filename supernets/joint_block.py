@@ -23,7 +23,7 @@ nothing more::
     cost       = (outside(d) + sum_b g_b * unit_b(d)) / full
 
 MACs are per forward of one example (batch element), counted by torch's FLOP counter on the
-unhooked model (:func:`dipgo.report.macs.count_macs`), the same counter the block kind uses.
+unhooked model (:func:`dipgo.measure.macs.count_macs`), the same counter the block kind uses.
 ``kinds`` may name one kind only (``("block",)`` or ``("mask",)``): the same machinery searches
 that kind alone, so a benchmark can compare the joint search with each kind at one budget.
 """
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dipgo.report.macs import count_macs
+from dipgo.measure.macs import count_macs
 from dipgo.supernets.block import BlockSuperNet
 from dipgo.supernets.gates import GateSlot
 from dipgo.supernets.joint import check_kinds, layer_units
@@ -82,7 +82,7 @@ class BlockMaskSuperNet:
         self.layers: list[str] = list(mask.layers) if self.mask is not None else []
         if len(layer_macs) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} layer MACs, got {len(layer_macs)}")
-        self._layer_macs = torch.tensor([float(m) for m in layer_macs], dtype=torch.float64)  # (L,)
+        self.layer_macs = torch.tensor([float(m) for m in layer_macs], dtype=torch.float64)  # (L,)
         self._block_macs = torch.tensor([s.cost for s in block.slots], dtype=torch.float64)  # (B,)
         self._full = float(block.full_cost())
         owner = layer_units(self.layers, self.blocks)
@@ -92,7 +92,7 @@ class BlockMaskSuperNet:
                 self._in_block[i, b] = 1.0
         block_slots = list(block.slots) if "block" in self.kinds else []
         mask_slots = [GateSlot(name=f"mask/{p}", kind="mask", block=p, cost=float(m))
-                      for p, m in zip(self.layers, self._layer_macs.tolist())]
+                      for p, m in zip(self.layers, self.layer_macs.tolist())]
         self.slots: list[GateSlot] = [*block_slots, *mask_slots]
         self.soft_slots = torch.tensor([False] * len(block_slots) + [True] * len(mask_slots))  # (N,)
         self.pruned_state: dict[str, torch.Tensor] | None = None  # reconstructed weights of a plan
@@ -121,7 +121,7 @@ class BlockMaskSuperNet:
         outside = self._full - unit.sum()
         if not self.layers:
             return unit, outside
-        saved = (1 - densities) * self._layer_macs.to(densities)  # (L,)
+        saved = (1 - densities) * self.layer_macs.to(densities)  # (L,)
         in_block = self._in_block.to(densities)
         return unit - saved @ in_block, outside - (saved * (1 - in_block.sum(1))).sum()
 
@@ -152,25 +152,26 @@ class BlockMaskSuperNet:
         return unit.tolist(), float(outside + unit.sum())
 
     # ---- outputs -----------------------------------------------------------------------------
-    def _set_densities(self, densities: torch.Tensor | None) -> None:
+    def set_densities(self, densities: torch.Tensor | None) -> None:
+        """Mask hooks compute with these densities (``None``: dense weights) until set again."""
         if self.mask is not None:
             self.mask.set_densities(densities)
 
     def reference(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The dense model's output (masks off, every block computed)."""
-        self._set_densities(None)
+        self.set_densities(None)
         return self.block.reference(dict(batch))
 
     def gated(self, batch: Mapping[str, Any], gates: torch.Tensor) -> dict[str, torch.Tensor]:
         """Output with block gates and mask densities from ``gates``; differentiable in both."""
         g_block, dens = self.split(gates)
-        self._set_densities(dens if self.layers else None)
+        self.set_densities(dens if self.layers else None)
         try:
             if "block" in self.kinds:
                 return self.block.gated(dict(batch), g_block)
             return {"output": self.output_fn(self.model, dict(batch))}  # every block computed as is
         finally:
-            self._set_densities(None)
+            self.set_densities(None)
 
     def hard(self, batch: Mapping[str, Any], keep: Sequence[bool], pruned: bool = True,
              densities: Sequence[float] | None = None) -> torch.Tensor:
@@ -181,15 +182,15 @@ class BlockMaskSuperNet:
         gates = torch.tensor([1.0 if k else 0.0 for k in keep])
         with torch.no_grad():
             if pruned and self.pruned_state is not None:
-                self._set_densities(None)
+                self.set_densities(None)
                 with swapped_weights(self.model, self.pruned_state):
                     return self.block.gated(dict(batch), gates)["output"]
             use = densities is not None and len(self.layers) > 0
-            self._set_densities(torch.as_tensor(list(densities), dtype=torch.float32) if use else None)
+            self.set_densities(torch.as_tensor(list(densities), dtype=torch.float32) if use else None)
             try:
                 return self.block.gated(dict(batch), gates)["output"]
             finally:
-                self._set_densities(None)
+                self.set_densities(None)
 
     def remove(self) -> nn.Module:
         """Remove every hook (mask first, then block); the model is handed back unchanged."""

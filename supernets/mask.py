@@ -320,8 +320,10 @@ class MaskSuperNet:
         self.norms = norms or {}
         self.slots = [GateSlot(name=p, kind="mask", block=p, cost=float(c)) for p, c in zip(layers, costs)]
         self._costs = torch.tensor(costs, dtype=torch.float64)  # (N,)
-        self._fixed = torch.tensor([self.fixed_density(p) if self.fixed_density(p) is not None else -1.0
-                                    for p in layers], dtype=torch.float64)  # (N,) -1 = learned
+        # (N,) the density a layer's pattern fixes (N:M), -1 where it is learned: public, the joint
+        # searches fit and floor only the learned ones
+        self.fixed_densities = torch.tensor([self.fixed_density(p) if self.fixed_density(p) is not None else -1.0
+                                             for p in layers], dtype=torch.float64)
         self._rank = {p: rank_scores(saliency[p], pattern) for p in layers
                       if p not in refused and pattern.kind != "nm"}
         self._nm = {p: nm_mask(saliency[p], pattern.n, pattern.m) for p in layers
@@ -343,7 +345,7 @@ class MaskSuperNet:
 
     def effective(self, gates: torch.Tensor) -> torch.Tensor:
         """``(N,)`` densities: the gates where learned, the fixed ones elsewhere."""
-        fixed = self._fixed.to(gates)
+        fixed = self.fixed_densities.to(gates)
         return torch.where(fixed >= 0, fixed, gates)
 
     def soft_mask(self, path: str, density: torch.Tensor) -> torch.Tensor:

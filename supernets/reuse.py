@@ -26,17 +26,11 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
-from dipgo.report.macs import block_macs
+from dipgo.measure.macs import block_macs
+from dipgo.models.io import null_class_for
 from dipgo.supernets.adapters import ConsumerGraph, ReuseUnit, get_reuse_adapter
 from dipgo.supernets.gates import GateSlot, freeze
-from dipgo.supernets.sampling import (
-    SCHEDULER_NAMES,
-    make_model_fn,
-    make_scheduler,
-    model_inputs,
-    null_class_for,
-    sample,
-)
+from dipgo.supernets.sampling import SCHEDULER_NAMES, make_model_fn, make_scheduler, model_inputs, sample
 
 
 @dataclass

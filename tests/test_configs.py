@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError
 
-from dipgo.search.compose import GROUPS, ConfigError, compose_config, list_options
+from dipgo.errors import ConfigError
+from dipgo.search.compose import GROUPS, compose_config, list_options
+from dipgo.search.config import Config
 
 
 def _all_group_options() -> list[tuple[str, str]]:
@@ -27,7 +30,10 @@ def test_every_config_composes(group: str, option: str) -> None:
     cfg, choices = compose_config([f"{group}={option}"])
     assert choices[group] == option
     # the schema is attached: the composed config is typed and refuses new keys
-    assert OmegaConf.is_struct(cfg) or OmegaConf.get_type(cfg) is not dict
+    assert OmegaConf.get_type(cfg) is Config
+    assert OmegaConf.is_struct(cfg)
+    with pytest.raises(ConfigAttributeError):
+        cfg.not_a_schema_key = 1
 
 
 def test_recipe_sets_its_name_and_groups() -> None:

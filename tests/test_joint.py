@@ -9,9 +9,11 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from dipgo.search.compose import ConfigError, compose_config
+from dipgo.errors import ConfigError
+from dipgo.models.configured import load_configured_model
+from dipgo.search.compose import compose_config
 from dipgo.search.data import collate
-from dipgo.search.tasks import get_task, load_configured_model
+from dipgo.search.tasks import get_task
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_joint_slots_costs_and_identity(tiny_dit_dir: Path, tmp_path: Path) -> N
     dense_cost = sn.plan_cost(grid, [1.0] * len(sn.layers))
     unit_of = {p: next(b for b, u in enumerate(sn.reuse.block_names) if p.startswith(u + ".")) for p in sn.layers}
     computed = {b: sum(row[b] for row in grid) for b in range(len(sn.reuse.block_names))}
-    saved = sum(0.1 * m * computed[unit_of[p]] for p, m in zip(sn.layers, sn._layer_macs.tolist())) / sn.full_cost()
+    saved = sum(0.1 * m * computed[unit_of[p]] for p, m in zip(sn.layers, sn.layer_macs.tolist())) / sn.full_cost()
     assert dense_cost - sn.plan_cost(grid, [0.9] * len(sn.layers)) == pytest.approx(saved, rel=1e-9)
     sn.remove()
 
@@ -135,7 +137,7 @@ def test_bad_joint_configs_are_refused(tiny_dit_dir: Path, tmp_path: Path, overr
 
 
 def test_joint_needs_a_denoiser(tmp_path: Path) -> None:
-    from dipgo.supernets.adapters import UnsupportedModelError
+    from dipgo.errors import UnsupportedModelError
 
     cfg, _ = compose_config(["supernet=joint", "model=digits_cnn", "data=images", f"runs_root={tmp_path}"])
     with pytest.raises(UnsupportedModelError, match="needs a diffusion denoiser"):

@@ -384,3 +384,18 @@ def test_bench_script_smoke(tmp_path):
     (row,) = payload["rows"]
     assert row["tokens"] == 8 and row["max_abs_err"] < 1e-4 and row["target"] == 1.5
     assert payload["machine"]["threads"] == 1 and payload["machine"]["torch"] == torch.__version__
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_block_sparse_linear_on_cuda_matches_the_reference():
+    """The op's CUDA kernel (fp32, batch dims, bias, activation) against the float64 reference."""
+    for out_f, in_f, block, sparsity, tokens in [(64, 64, (32, 16), 0.5, 5), (128, 96, (16, 32), 0.7, 33)]:
+        _, p = random_block_sparse(out_f, in_f, sparsity, block, seed=tokens)
+        x, bias = torch.randn(2, tokens, in_f), torch.randn(out_f)
+        ref = reference_block_sparse_linear(x.double(), p.values.double(), p.col_indices, p.row_ptr,
+                                            bias.double(), "gelu")
+        cuda = [t.cuda() for t in (x, p.values, p.col_indices, p.row_ptr, bias)]
+        y = block_sparse_linear_op(*cuda, "gelu")
+        assert y.device.type == "cuda" and y.shape == (2, tokens, out_f)
+        assert (y.double().cpu() - ref).abs().max().item() < 1e-3

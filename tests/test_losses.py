@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -242,4 +243,12 @@ def test_controller_state_dict_restores_exactly() -> None:
 
 def test_controller_accepts_tensor_with_grad() -> None:
     expected = torch.tensor(0.5, requires_grad=True) * 1.0
-    CostController(CostConfig()).update(expected, 0.4)  # no autograd warning, no error
+    from_tensor, from_float = CostController(CostConfig()), CostController(CostConfig())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no autograd warning ("converting a tensor that requires grad")
+        value = from_tensor.update(expected, 0.4)
+    # the tensor is read as its value: the same multiplier and state as the plain float
+    assert value == from_float.update(0.5, 0.4)
+    assert from_tensor.state_dict() == from_float.state_dict()
+    assert from_tensor.steps == 1 and from_tensor.smoothed == pytest.approx(math.log(0.5 / 0.4))
+    assert expected.requires_grad and expected.grad_fn is not None  # the caller's graph is left alone

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dipgo.errors import ConfigError, PlanError
 from dipgo.postprocess.mask_baselines import MASK_BASELINES, global_density, prune_baseline
 from dipgo.postprocess.mask_plan import extract_mask_plan
 from dipgo.postprocess.mask_subnet import export_mask_subnet, load_mask_subnet, prune_with_plan, to_kernels
-from dipgo.postprocess.plan import PlanError
 from dipgo.postprocess.reconstruct import obs_prune
-from dipgo.search.compose import ConfigError, compose_config
+from dipgo.search.compose import compose_config
 from dipgo.supernets.mask import MaskGateConfig, PatternError, apply_mask_gates, is_valid_nm, parse_pattern
 
 
@@ -154,7 +154,7 @@ def test_search_end_to_end_on_tiny_bert(tmp_path: Path) -> None:
     from transformers import AutoModel
 
     from dipgo.search.run import run_search
-    from tests.test_block_search import tiny_bert_folder
+    from tests.conftest import tiny_bert_folder
 
     folder = tiny_bert_folder(tmp_path)
     overrides = {

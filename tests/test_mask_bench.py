@@ -11,12 +11,12 @@ from omegaconf import OmegaConf
 
 import dipgo.kernels
 from dipgo.cli import main
+from dipgo.files import write_bytes_atomic
+from dipgo.models.configured import load_configured_model
 from dipgo.postprocess.mask_plan import extract_mask_plan
-from dipgo.postprocess.plan import write_bytes_atomic
 from dipgo.search.compose import compose_config
 from dipgo.search.mask_task import MaskTask
-from dipgo.search.tasks import load_configured_model
-from tests.test_block_search import tiny_bert_folder
+from tests.conftest import tiny_bert_folder
 
 
 @pytest.fixture(scope="module")

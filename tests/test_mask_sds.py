@@ -12,10 +12,11 @@ import pytest
 import torch
 from torch import nn
 
+from dipgo.errors import ConfigError
 from dipgo.postprocess.mask_plan import extract_mask_plan
 from dipgo.postprocess.mask_subnet import prune_with_plan
 from dipgo.postprocess.sds import SDSConfig, SDSError, redense
-from dipgo.search.compose import ConfigError, compose_config
+from dipgo.search.compose import compose_config
 from dipgo.supernets.mask import MaskGateConfig, apply_mask_gates, is_valid_nm, parse_pattern, weight_matrix
 
 
@@ -129,7 +130,7 @@ def test_config_composes_with_sds_and_old_boolean_still_works() -> None:
 
 
 def test_cli_search_with_sds_writes_report(tmp_path: Path) -> None:
-    from tests.test_block_search import tiny_bert_folder
+    from tests.conftest import tiny_bert_folder
 
     folder = tiny_bert_folder(tmp_path)
     overrides = {

@@ -11,7 +11,7 @@ import timm
 import torch
 from torch import nn
 
-from dipgo.report.fidelity import (
+from dipgo.measure.fidelity import (
     classifier_accuracy,
     classifier_features,
     cosine_fidelity,
@@ -20,7 +20,7 @@ from dipgo.report.fidelity import (
     psnr,
     ssim,
 )
-from dipgo.report.latency import (
+from dipgo.measure.latency import (
     LatencyResult,
     compare_latency,
     cuda_peak_mb,
@@ -28,7 +28,7 @@ from dipgo.report.latency import (
     peak_rss_mb,
     speedup,
 )
-from dipgo.report.macs import block_macs, count_macs, model_macs
+from dipgo.measure.macs import block_macs, count_macs, model_macs
 
 # --- MACs ---------------------------------------------------------------------------------------
 

@@ -12,12 +12,12 @@ import torch
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
-from dipgo.report.macs import model_macs
+from dipgo.errors import UnsupportedModelError
+from dipgo.measure.macs import model_macs
 from dipgo.supernets.adapters import (
     ConsumerGraph,
     ReuseAdapter,
     ReuseUnit,
-    UnsupportedModelError,
     get_reuse_adapter,
     register_reuse_adapter,
 )

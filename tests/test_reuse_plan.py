@@ -4,38 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DiTTransformer2DModel, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DiTTransformer2DModel
 
-from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.errors import PlanError
+from dipgo.postprocess.plan import Plan
 from dipgo.postprocess.reuse_plan import extract_reuse_plan, validate_plan
 from dipgo.postprocess.reuse_subnet import ReuseSubNet, install_plan
 from dipgo.supernets.reuse import ReuseConfig, apply_reuse, remove_reuse
 from dipgo.supernets.sampling import make_model_fn, make_scheduler, sample
+from tests.conftest import tiny_reuse_supernet, tiny_reuse_unet, unet_batch
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_torch_thread: None) -> None:
     """Tiny models: intra-op threads only add contention (see conftest.one_torch_thread)."""
-
-
-def tiny_unet(class_embeds: int | None = 3) -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), layers_per_block=1,
-        norm_num_groups=4, attention_head_dim=4, num_class_embeds=class_embeds,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    ).eval()
-
-
-def unet_batch(seed: int = 1, labels: bool = True) -> dict:
-    batch = {"noise": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))}
-    return {**batch, "class_labels": torch.tensor([0, 1])} if labels else batch
-
-
-def supernet(steps: int = 20, **config):
-    model = tiny_unet()
-    return model, apply_reuse(model, ReuseConfig(num_steps=steps, **config), unet_batch())
 
 
 def random_probs(sn, seed: int = 0) -> torch.Tensor:
@@ -44,7 +26,7 @@ def random_probs(sn, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("target", [0.3, 0.5, 0.8])
 def test_plan_lands_just_below_target(target: float) -> None:
-    _, sn = supernet(20, guidance_scale=2.0)
+    _, sn = tiny_reuse_supernet(20, guidance_scale=2.0)
     plan = extract_reuse_plan(random_probs(sn), sn, target, meta={"seed": 0})
     assert target - 0.01 <= plan.cost_ratio <= target
     assert plan.cost_ratio == pytest.approx(sn.plan_cost(plan.compute))
@@ -57,7 +39,7 @@ def test_plan_lands_just_below_target(target: float) -> None:
 
 
 def test_plan_follows_probabilities() -> None:
-    _, sn = supernet(6)
+    _, sn = tiny_reuse_supernet(6)
     probs = torch.ones(sn.grid_shape)
     probs[:, 0] = 0.1  # down_blocks.0 is the least wanted everywhere
     plan = extract_reuse_plan(probs, sn, 0.95)
@@ -66,7 +48,7 @@ def test_plan_follows_probabilities() -> None:
 
 
 def test_unreachable_target_and_bad_inputs() -> None:
-    _, sn = supernet(6)
+    _, sn = tiny_reuse_supernet(6)
     with pytest.raises(PlanError, match="smallest reachable cost"):
         extract_reuse_plan(random_probs(sn), sn, 0.05)
     with pytest.raises(PlanError, match="slots"):
@@ -74,7 +56,7 @@ def test_unreachable_target_and_bad_inputs() -> None:
 
 
 def test_validate_plan_names_the_mismatch() -> None:
-    _, sn = supernet(6)
+    _, sn = tiny_reuse_supernet(6)
     plan = extract_reuse_plan(random_probs(sn), sn, 0.6)
     validate_plan(plan, sn)
     other_steps = Plan(**{**plan.to_dict(), "num_steps": 5, "compute": plan.compute[:5]})
@@ -95,7 +77,7 @@ def test_validate_plan_names_the_mismatch() -> None:
 
 
 def test_install_plan_equals_supernet_hard_and_soft() -> None:
-    model, sn = supernet(8, scheduler="euler", guidance_scale=2.5)
+    model, sn = tiny_reuse_supernet(8, scheduler="euler", guidance_scale=2.5)
     batch = unet_batch(3)
     plan = extract_reuse_plan(random_probs(sn, 1), sn, 0.5)
     hard = sn.sample(batch, plan.compute)
@@ -108,7 +90,7 @@ def test_install_plan_equals_supernet_hard_and_soft() -> None:
 
 
 def test_save_load_bit_identical(tmp_path) -> None:
-    model, sn = supernet(10, scheduler="dpmsolver++", guidance_scale=2.0)
+    model, sn = tiny_reuse_supernet(10, scheduler="dpmsolver++", guidance_scale=2.0)
     plan = extract_reuse_plan(random_probs(sn, 2), sn, 0.5)
     remove_reuse(model)
     sched_cfg = dict(make_scheduler("dpmsolver++").config)
@@ -118,7 +100,7 @@ def test_save_load_bit_identical(tmp_path) -> None:
     first = subnet.sample(batch)
     subnet.save(tmp_path / "subnet")
     assert sorted(p.name for p in (tmp_path / "subnet").iterdir()) == ["plan.json", "subnet.json"]
-    loaded = ReuseSubNet.load(tmp_path / "subnet", tiny_unet())
+    loaded = ReuseSubNet.load(tmp_path / "subnet", tiny_reuse_unet())
     assert loaded.source == "tiny-unet" and loaded.plan == plan
     assert torch.equal(loaded.sample(batch), first)
     with pytest.raises(PlanError, match="UNet2DModel.*DiTTransformer2DModel"):
@@ -127,7 +109,7 @@ def test_save_load_bit_identical(tmp_path) -> None:
 
 
 def test_install_plan_in_ddim_pipeline() -> None:
-    unet = tiny_unet(class_embeds=None)
+    unet = tiny_reuse_unet(class_embeds=None)
     scheduler = DDIMScheduler()
     pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -160,7 +142,7 @@ def test_install_plan_in_ddim_pipeline() -> None:
 
 def test_plain_loop_matches_pipeline_for_ddim() -> None:
     """dipgo's loop and diffusers' DDIMPipeline agree on the plain model (same noise, eta 0)."""
-    unet = tiny_unet(class_embeds=None)
+    unet = tiny_reuse_unet(class_embeds=None)
     pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=1, generator=torch.Generator().manual_seed(0), num_inference_steps=4, output_type="pt").images

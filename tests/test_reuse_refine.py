@@ -86,7 +86,8 @@ def test_budget_conditioned_pruner_writes_one_plan_per_budget(tiny_unet_dir, tmp
 def test_budget_options_need_a_budget_conditioned_pruner() -> None:
     import pytest
 
-    from dipgo.search.compose import ConfigError, compose_config
+    from dipgo.errors import ConfigError
+    from dipgo.search.compose import compose_config
 
     with pytest.raises(ConfigError, match="need search.pruner.budget_conditioned=true"):
         compose_config(["search.plan_targets=[0.3]"])

@@ -7,7 +7,7 @@ import torch
 from dipgo.postprocess.plan import Plan
 from dipgo.postprocess.reuse_subnet import install_plan
 from dipgo.supernets.sampling import make_model_fn, make_scheduler, sample
-from tests.test_reuse_plan import supernet, unet_batch
+from tests.conftest import tiny_reuse_supernet, unet_batch
 
 
 def _uniform_plan(sn, interval: int) -> Plan:
@@ -19,7 +19,7 @@ def _uniform_plan(sn, interval: int) -> Plan:
 
 
 def test_fully_reused_steps_skip_the_call_exactly() -> None:
-    model, sn = supernet(8)
+    model, sn = tiny_reuse_supernet(8)
     plan = _uniform_plan(sn, interval=3)  # steps 0, 3, 6 computed
     batch = unet_batch()
     expected = sn.sample(batch, torch.tensor(plan.compute))

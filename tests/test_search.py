@@ -131,7 +131,7 @@ def test_ddp_two_cpu_processes_give_the_one_process_plan(tiny_unet_dir: Path, tm
 
 
 def test_ddp_needs_a_global_batch_divisible_by_the_processes() -> None:
-    from dipgo.search.compose import ConfigError
+    from dipgo.errors import ConfigError
     from dipgo.search.data import StepSampler
 
     with pytest.raises(ConfigError, match="data.batch_size=3 is the global batch and must be divisible by the 2"):

@@ -16,7 +16,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from dipgo.cli import main
-from dipgo.search.compose import ConfigError, compose_config
+from dipgo.errors import ConfigError
+from dipgo.search.compose import compose_config
 from dipgo.search.sweep import check_launcher, parse_sweep, point_label
 from tests.conftest import tiny_search_overrides
 

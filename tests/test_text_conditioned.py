@@ -142,7 +142,7 @@ def test_hub_recipes_compose_offline(recipe: str, hub_id: str, guidance: float, 
 
 
 def test_text_unet_on_noise_alone_is_refused_in_one_sentence(tiny_sd_dir: Path, tmp_path: Path) -> None:
-    from dipgo.supernets.adapters import UnsupportedModelError
+    from dipgo.errors import UnsupportedModelError
 
     cfg = _cfg(tiny_sd_dir, tmp_path / "runs", **{"data.kind": "diffusion"})
     with pytest.raises(UnsupportedModelError, match="use data=prompts"):

@@ -217,3 +217,21 @@ def image_fidelity(
     elif labels is not None or real_features is not None:
         raise ValueError("labels and real_features need a classifier to compute features with")
     return out
+
+
+def output_fidelity(kind: str, out: Tensor, ref: Tensor, labels: Tensor | None) -> dict[str, float]:
+    """Classifier: accuracy, agreement, KL; encoder: mean and min cosine to the full model."""
+    if kind == "classifier":
+        kl = F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
+        return {
+            "accuracy": float((out.argmax(-1) == labels).float().mean()),
+            "agreement": float((out.argmax(-1) == ref.argmax(-1)).float().mean()),
+            "kl": float(kl),
+        }
+    cos = F.cosine_similarity(out, ref, dim=-1)
+    return {"cosine": float(cos.mean()), "cosine_min": float(cos.min())}
+
+
+def fidelity_key(kind: str) -> str:
+    """The headline metric of :func:`output_fidelity` for a model kind."""
+    return "accuracy" if kind == "classifier" else "cosine"

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dipgo.postprocess.plan import write_json_atomic
-from dipgo.report.latency import compare_latency
+from dipgo.files import write_json_atomic
+from dipgo.measure.latency import compare_latency
 
 CACHE_ENV = "DIPGO_CACHE"
 

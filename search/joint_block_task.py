@@ -10,8 +10,9 @@ calibration data (:func:`split_search`): candidate density allocations (the lear
 ``supernet.mask_min_density``, uniform ones from ``supernet.split_densities``, and one uniform
 density with every block kept) each get the blocks the block kind's exact-budget code chooses (and
 refines) on the costs their sparsity leaves, are pruned with OBS reconstruction and scored with the
-search's distortion; the best is pruned for good (OBS + distillation) on that copy. Evaluate: the SubNet (pruned weights, closed blocks removed) against the full
-model on held-out data with the block kind's metrics.
+search's distortion; the best is pruned for good (OBS + distillation) on that copy. The SubNet
+(:func:`subnet_of`): pruned weights, closed blocks removed; its evaluation against the full model
+is the report's part (:mod:`dipgo.report.joint_eval`).
 
 ``supernet.kinds``: ``[block, mask]`` (joint), ``[block]`` or ``[mask]`` on the same code path.
 """
@@ -20,21 +21,22 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from dipgo.postprocess.plan import Plan, PlanError
+from dipgo.errors import PlanError
+from dipgo.postprocess.plan import Plan
 from dipgo.search.data import CalibrationDataModule, collate
 from dipgo.search.joint_common import (
+    JointTaskBase,
     find_mask_layers,
     install_mask_gates,
-    macs_density,
     prune_mask_part,
     shift_densities,
 )
+from dipgo.search.registry import register_task
 
 
 def routes_here(cfg: DictConfig) -> bool:
@@ -51,9 +53,10 @@ def _floor(value: float, digits: int = 6) -> float:
 
 def build_block_joint(loaded: Any, cfg: DictConfig) -> Any:
     """Block gates + mask gates on ``loaded.model`` (classifier or encoder) as one SuperNet."""
-    from dipgo.search.block_task import _check_data, _example, calibration_pool, output_fn_for
+    from dipgo.errors import UnsupportedModelError
+    from dipgo.models.io import output_fn_for
+    from dipgo.search.block_task import _check_data, _example, calibration_pool
     from dipgo.search.mask_task import calibration_batches
-    from dipgo.supernets.adapters import UnsupportedModelError
     from dipgo.supernets.block import apply_block_gates
     from dipgo.supernets.joint_block import BlockMaskSuperNet, check_block_kinds, count_module_macs
 
@@ -105,7 +108,7 @@ def fit_densities(sn: Any, densities: torch.Tensor, keep: list[bool], target: fl
     """The learned densities shifted by one constant (clamped, fixed layers untouched) so that the
     plan with blocks ``keep`` costs at most ``target``, as close to it as bisection gets; ``None``
     when even the minimum density does not reach it."""
-    return shift_densities(densities, sn.mask._fixed.to(densities) < 0, sn.mask.config.min_density,
+    return shift_densities(densities, sn.mask.fixed_densities.to(densities) < 0, sn.mask.config.min_density,
                            lambda d: sn.plan_cost(keep, d), target)
 
 
@@ -121,9 +124,9 @@ def refine_blocks(keep: list[bool], probs: list[float], costs: list[float], tota
         refine_block_keep,
         weight_norm_importance,
     )
-    from dipgo.search.module import _dataclass_from
+    from dipgo.search.config import config_of
 
-    dist_cfg = _dataclass_from(DistortionConfig, cfg.search.distortion)
+    dist_cfg = config_of(DistortionConfig, cfg.search.distortion)
     pool = sn.calibration_pool
     batch = {k: v for k, v in collate([pool[i] for i in range(min(cfg.search.refine.batch, len(pool)))]).items()
              if k != "index"}
@@ -167,12 +170,12 @@ def relearned(sn: Any, densities: torch.Tensor, learned_keep: list[bool], keep: 
 
     owner = layer_units(sn.layers, sn.blocks)
     stale = torch.tensor([b >= 0 and keep[b] and not learned_keep[b] for b in owner])
-    trusted = torch.tensor([b < 0 or learned_keep[b] for b in owner]) & (sn.mask._fixed.to(densities) < 0)
+    trusted = torch.tensor([b < 0 or learned_keep[b] for b in owner]) & (sn.mask.fixed_densities.to(densities) < 0)
     if not stale.any() or not trusted.any():
         return densities
-    macs = sn._layer_macs.to(densities)
+    macs = sn.layer_macs.to(densities)
     mean = (densities * macs)[trusted].sum() / macs[trusted].sum()
-    free = sn.mask._fixed.to(densities) < 0
+    free = sn.mask.fixed_densities.to(densities) < 0
     return torch.where(stale & free, mean, densities)
 
 
@@ -183,10 +186,10 @@ def reopen_blocks(keep: list[bool], densities: torch.Tensor, learned_keep: list[
     when the distortion on calibration data (saliency masks at the densities) drops. Blocks cost
     a sixth of a small model each, so the block part alone is too coarse to spend a budget well."""
     from dipgo.losses.distortion import DistortionConfig, distortion
-    from dipgo.search.module import _dataclass_from
+    from dipgo.search.config import config_of
 
     target = float(cfg.search.target)
-    dist_cfg = _dataclass_from(DistortionConfig, cfg.search.distortion)
+    dist_cfg = config_of(DistortionConfig, cfg.search.distortion)
     pool = sn.calibration_pool
     batch = {k: v for k, v in collate([pool[i] for i in range(min(cfg.search.refine.batch, len(pool)))]).items()
              if k != "index"}
@@ -228,7 +231,7 @@ def mask_candidates(sn: Any, learned: torch.Tensor, learned_keep: list[bool], cf
     """
     target = float(cfg.search.target)
     n_blocks = len(sn.blocks)
-    fixed = sn.mask._fixed.to(learned)
+    fixed = sn.mask.fixed_densities.to(learned)
     learned = torch.where(fixed >= 0, fixed, learned.clamp(min=float(cfg.supernet.mask_min_density), max=1.0))
     ones = torch.where(fixed >= 0, fixed, torch.ones_like(learned))
     out: dict[str, torch.Tensor] = {}
@@ -310,13 +313,13 @@ def split_search(g_block: torch.Tensor, learned: torch.Tensor, learned_keep: lis
     import time
 
     from dipgo.losses.distortion import DistortionConfig, distortion
-    from dipgo.search.module import _dataclass_from
+    from dipgo.search.config import config_of
 
     t0 = time.perf_counter()
-    dist_cfg = _dataclass_from(DistortionConfig, cfg.search.distortion)
+    dist_cfg = config_of(DistortionConfig, cfg.search.distortion)
     batch = _scoring_batch(sn, cfg)
     reference = sn.reference(batch)
-    macs = sn._layer_macs
+    macs = sn.layer_macs
     scores: dict[str, float] = {}
     plans: dict[str, dict[str, Any]] = {}
     seen: list[tuple[list[bool], list[float], str]] = []
@@ -362,7 +365,7 @@ def extract_block_joint_plan(probs: torch.Tensor, sn: Any, cfg: DictConfig) -> P
     from dipgo.supernets.block import block_signatures
 
     target = float(cfg.search.target)
-    sn._set_densities(None)  # the search leaves its last densities installed
+    sn.set_densities(None)  # the search leaves its last densities installed
     g_block, dens = sn.split(torch.as_tensor(probs, dtype=torch.float64))
     n_blocks = len(sn.blocks)
     meta: dict[str, Any] = {"kinds": list(sn.kinds), "model_source": cfg.model.name,
@@ -378,7 +381,7 @@ def extract_block_joint_plan(probs: torch.Tensor, sn: Any, cfg: DictConfig) -> P
         meta.update(chosen_meta)
         meta["mask"] = {"pattern": sn.mask.pattern.name, "layers": list(sn.layers), "density": densities,
                         "learned_density": [round(float(d), 4) for d in dens],
-                        "layer_macs": sn._layer_macs.tolist(), **_set_pruned(sn, densities, cfg, distill=True)}
+                        "layer_macs": sn.layer_macs.tolist(), **_set_pruned(sn, densities, cfg, distill=True)}
     meta["kept_blocks"] = [b for b, k in zip(sn.blocks, keep) if k]
     meta["removed_blocks"] = [b for b, k in zip(sn.blocks, keep) if not k]
     meta["cost_split"] = cost_split(sn, keep, densities)
@@ -398,79 +401,18 @@ def subnet_of(sn: Any, plan: Plan) -> torch.nn.Module:
     physically removed (a closed gate is exactly the identity, so removal changes nothing else)."""
     from dipgo.postprocess.block_subnet import make_block_plan, remove_blocks
 
-    base = getattr(sn, "pruned_model", None) if plan.meta.get("mask") else None
+    base = getattr(sn, "pruned_model", None) if plan.payload.mask is not None else None
     base = sn.dense_model if base is None else base
     block_plan = make_block_plan(sn.block, plan.compute[0], plan.target)
     return remove_blocks(base, block_plan).eval().requires_grad_(False)
 
 
-def evaluate_block_joint(loaded: Any, sn: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
-    """Held-out fidelity of the SubNet (pruned weights + removed blocks) against the full model."""
-    from dipgo.report.block_eval import _Call, eval_data, fidelity, fidelity_key, outputs
-    from dipgo.report.macs import model_macs
-    from dipgo.search.block_task import output_fn_for
+@register_task("joint", when=routes_here)
+class BlockJointTask(JointTaskBase):
+    """Block + mask gates of a classifier / encoder under one MACs budget (``supernet.kind=joint``
+    with ``block`` among ``supernet.kinds``, or ``mask`` alone on images / text)."""
 
-    kind = loaded.kind
-    data = eval_data(loaded, cfg)
-    labels = data.get("labels")
-    ref = outputs(sn.dense_model, kind, data)
-    subnet = subnet_of(sn, plan)
-    out = outputs(subnet, kind, data)
-    one = {k: v[:1] for k, v in data.items() if k != "labels"}
-    fn = output_fn_for(kind)
-    dense_macs_ratio = model_macs(_Call(subnet, fn), one) / model_macs(_Call(sn.dense_model, fn), one)
-    rows = [{"name": "dipgo", "cost_ratio": plan.cost_ratio, "removed": plan.meta.get("removed_blocks", []),
-             "dense_macs_ratio": round(dense_macs_ratio, 6), **fidelity(kind, out, ref, labels)},
-            {"name": "full", "cost_ratio": 1.0, "removed": [], "dense_macs_ratio": 1.0,
-             **fidelity(kind, ref, ref, labels)}]
-    mask_meta = plan.meta.get("mask") or {}
-    report = {"kind": "joint", "joint_variant": "block_mask", "kinds": list(sn.kinds), "model": type(sn.model).__name__,
-              "source": loaded.source, "target": plan.target, "cost_ratio": plan.cost_ratio,
-              "cost_split": plan.meta.get("cost_split"), "fidelity_metric": fidelity_key(kind),
-              "eval_items": len(ref), "removed_blocks": plan.meta.get("removed_blocks", []),
-              "mask_density_macs": macs_density(mask_meta), "variants": rows,
-              "refine": {k: v for k, v in plan.meta.get("refine", {}).items() if k != "seed_scores"}}
-    plots = {"joint_plan": _plot(plan, sn, run_dir)} if cfg.report.plots else {}
-    return report, plots
-
-
-def _plot(plan: Plan, sn: Any, run_dir: Path) -> Path:
-    """Per-layer density bars, grey where the layer's block is removed, blocks marked below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dipgo.supernets.joint import layer_units
-
-    keep = plan.compute[0]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    mask = plan.meta.get("mask")
-    if mask:
-        owner = layer_units(mask["layers"], plan.blocks)
-        colors = ["lightgrey" if b >= 0 and not keep[b] else "tab:blue" for b in owner]
-        ax.bar(range(len(mask["density"])), mask["density"], color=colors)
-        ax.set_xticks(range(len(mask["layers"])), mask["layers"], rotation=90, fontsize=5)
-        ax.set(ylabel="kept density", ylim=(0, 1.05))
-    else:
-        ax.bar(range(len(plan.blocks)), [1.0 if k else 0.0 for k in keep], color="tab:green")
-        ax.set_xticks(range(len(plan.blocks)), plan.blocks, rotation=90, fontsize=6)
-        ax.set(ylabel="kept (1) / removed (0)", ylim=(0, 1.05))
-    split = plan.meta.get("cost_split", {})
-    ax.set_title(f"joint plan {'+'.join(plan.meta.get('kinds', []))}: kept MACs {plan.cost_ratio:.3f} "
-                 f"(blocks alone {split.get('block_only', 1):.3f}, sparsity alone {split.get('mask_only', 1):.3f}); "
-                 f"removed {len(plan.meta.get('removed_blocks', []))} of {len(plan.blocks)} blocks (grey)", fontsize=8)
-    fig.tight_layout()
-    path = run_dir / "joint_plan.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-class BlockJointTask:
-    """Block + mask gates of a classifier / encoder under one MACs budget (``supernet.kind=joint``)."""
-
-    kind = "joint"
+    variant = "block_mask"
 
     def build(self, loaded: Any, cfg: DictConfig) -> Any:
         return build_block_joint(loaded, cfg)
@@ -481,25 +423,3 @@ class BlockJointTask:
 
     def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
         return extract_block_joint_plan(probs, supernet, cfg)
-
-    def evaluate(self, loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
-        return evaluate_block_joint(loaded, supernet, plan, cfg, run_dir)
-
-    def summary_lines(self, report: dict[str, Any]) -> list[str]:
-        key = report["fidelity_metric"]
-        row = next(v for v in report["variants"] if v["name"] == "dipgo")
-        full = next((v for v in report["variants"] if v["name"] == "full"), {})
-        split = report.get("cost_split") or {}
-        lines = [f"joint search ({' + '.join(report['kinds'])}) on {report['model']}: kept MACs "
-                 f"{report['cost_ratio']:.3f} (target {report['target']:.3f}); the removed blocks alone would keep "
-                 f"{split.get('block_only', 1):.3f}, the sparsity alone {split.get('mask_only', 1):.3f}",
-                 f"removed blocks: {', '.join(report['removed_blocks']) or '(none)'}"]
-        if key == "accuracy":
-            lines.append(f"held-out ({report['eval_items']} items): accuracy {row['accuracy']:.4f} (full model "
-                         f"{full.get('accuracy', float('nan')):.4f}), agreement {row['agreement']:.4f}, KL {row['kl']:.4f}")
-        else:
-            lines.append(f"held-out ({report['eval_items']} sentences): cosine to the full model {row['cosine']:.4f} "
-                         f"(min {row['cosine_min']:.4f})")
-        if report.get("mask_density_macs") is not None:
-            lines.append(f"masked layers keep {report['mask_density_macs']:.3f} of their MACs")
-        return lines
