@@ -204,6 +204,7 @@ def machine_info() -> dict[str, Any]:
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),
         "onednn_max_cpu_isa_env": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+        "mkl_enable_instructions_env": os.environ.get("MKL_ENABLE_INSTRUCTIONS"),
         "logical_cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -29,7 +29,7 @@ import torch
 from dipgo.kernels import bench
 from dipgo.kernels.layout import ACTIVATIONS, DEFAULT_BLOCK
 
-ENV_VARS = ("DIPGO_KERNEL_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+ENV_VARS = ("DIPGO_KERNEL_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 """Environment settings that change what is timed; the recorded command repeats them."""
 
 

@@ -511,7 +511,8 @@ def test_each_isa_build_matches_reference(isa, monkeypatch):
     kernel = native.load()
     assert kernel is not None and kernel.isa == isa and f"_{isa}_" in kernel.path.name
     gen = torch.Generator().manual_seed(2)
-    for out_f, in_f, block in LAYERS + [(128, 96, (64, 32))]:
+    # K = 1024 and 2048: x rows a multiple of 4 KB apart
+    for out_f, in_f, block in LAYERS + [(128, 96, (64, 32)), (96, 1024, (32, 32)), (64, 2048, (16, 64))]:
         _, packed = random_block_sparse(out_f, in_f, 0.5, block, seed=in_f)
         bias = torch.randn(out_f, generator=gen)
         for tokens in (1, 5, 13, 37, 300):  # every remainder tile of the 6-, 12- and 14-row tiles
