@@ -5,7 +5,9 @@
 - :class:`BlockSparseWeight`: the block-CSR layout (plain tensors + JSON config);
 - :class:`BlockSparseLinear`: ``from_dense(nn.Linear, mask_or_block_scores)``, ``to_dense()``,
   ``save``/``load`` (safetensors + JSON);
-- :func:`kernel_speedup_expected`: should a layer be converted at all.
+- :func:`dipgo.kernels.decide.decide_layer`: should a layer run on the kernel, timed on this
+  machine against the fastest dense path (:func:`kernel_speedup_expected`, the cost model, is
+  only its first guess).
 """
 
 from dipgo.kernels.heuristics import estimated_speedup, kernel_speedup_expected

@@ -1,7 +1,8 @@
-"""Should a pruned layer run on the block-sparse kernel or stay dense? A cheap estimate.
+"""Should a pruned layer run on the block-sparse kernel or stay dense? A cheap first guess.
 
-Post-processing asks :func:`kernel_speedup_expected` for every masked ``nn.Linear``; it must not
-build or time anything, so it is a small cost model whose constants come from
+Nothing ships on this estimate alone: :mod:`dipgo.kernels.decide` times every candidate layer on
+the converting machine and only uses this model to skip timing layers it calls hopeless. It must
+not build or time anything, so it is a small cost model whose constants come from
 ``scripts/bench_kernels.py`` runs (docs/results/kernels.json) on a 2-thread AVX-512 CPU:
 
     t_dense = max(macs / R, weight_bytes / BW) + c_dense
@@ -34,7 +35,9 @@ NATIVE_CALL_S = 14e-6
 NATIVE_EFFICIENCY_AVX512 = 2.0
 """Native kernel on a dense pattern vs MKL, AVX-512 CPU (measured 1.8-2.1x at 256-2048 tokens)."""
 NATIVE_EFFICIENCY_OTHER = 0.8
-"""Without AVX-512 (a guess: the 16-float vectors become AVX2 pairs with half the registers)."""
+"""Without AVX-512: the AVX2 build (6x16 tiles) vs MKL. Still a guess for a real AVX2-only CPU
+(the forced AVX2 build on the AVX-512 machine is measured in docs/results/kernels_avx2.json);
+it only decides which layers are worth timing."""
 BSR_EFFICIENCY = 0.3
 """torch's BSR matmul vs MKL dense on a dense pattern (measured 0.2-0.5x)."""
 GPU_BREAK_EVEN_DENSITY = 0.4

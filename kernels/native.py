@@ -1,11 +1,22 @@
 """The CPU kernel in ``csrc/block_sparse_linear.cpp``: built on first use, cached, called via ctypes.
 
 The source uses no torch headers, so one ``g++`` call builds it in about two seconds (a
-``torch.utils.cpp_extension`` build takes a minute). The library is cached per source, compiler and
-CPU (it is built with ``-march=native``) under ``$DIPGO_KERNEL_CACHE`` or
+``torch.utils.cpp_extension`` build takes a minute).
+
+ISA: the kernel has one register-tile shape per instruction set (see the source's header). The
+build targets AVX-512 (``-march=x86-64-v4``) when the CPU has it, else AVX2 + FMA
+(``-march=x86-64-v3``), else a portable build; ``DIPGO_KERNEL_ISA=avx2|avx512|portable`` overrides
+the choice (e.g. to build and time the AVX2 path on an AVX-512 machine: that build has no
+AVX-512 instruction in it). A requested ISA the CPU cannot run, or that the compiler cannot
+target, is refused with one warning. The library reports the ISA it was compiled for and the
+loader checks it.
+
+The library is cached per source, flags, ISA, compiler and CPU (model name and feature flags are
+in the key, so a build from another CPU is never loaded) under ``$DIPGO_KERNEL_CACHE`` or
 ``~/.cache/dipgo/kernels``. Without a compiler, or when the build fails, :func:`load` warns once and
-returns ``None``; callers then use the pure-PyTorch path. ``DIPGO_NATIVE_KERNELS=0`` forces that
-path (tests use it to cover the fallback).
+returns ``None``: the op then computes with the pure-PyTorch path, and SubNet conversion keeps
+layers dense (:mod:`dipgo.kernels.decide`). ``DIPGO_NATIVE_KERNELS=0`` forces that path (tests use
+it to cover the fallback).
 
 OpenMP: the library links ``libgomp.so.1``; torch has already loaded its own copy under that name,
 so both share one runtime and one thread pool. The thread count is passed per call
@@ -28,16 +39,32 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "block_sparse_linear.cpp"
-ABI_VERSION = 1
-FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
+ABI_VERSION = 2
+FLAGS = ("-O3", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
+ISA_ENV = "DIPGO_KERNEL_ISA"
+ISA_FLAGS = {
+    "avx512": ("-march=x86-64-v4", "-mtune=native"),
+    "avx2": ("-march=x86-64-v3", "-mtune=native"),
+    "portable": (),
+}
+"""Target flags per ISA. ``x86-64-v3`` is AVX2 + FMA + BMI without any AVX-512; ``-v4`` adds AVX-512F/BW/DQ/VL."""
+ISA_CODES = {0: "portable", 1: "avx2", 2: "avx512"}
+"""What ``dipgo_bsl_isa()`` returns, by name."""
+ISA_CPU_FLAGS = {"avx512": ("avx512f", "avx512bw", "avx512dq", "avx512vl"), "avx2": ("avx2", "fma"), "portable": ()}
+"""``/proc/cpuinfo`` flags the CPU needs to run each build."""
 ACT_CODES = {"none": 0, "relu": 1, "gelu": 2}
+
+
+class KernelUnavailable(RuntimeError):
+    """The native kernel cannot be used here; the message is one sentence naming the reason."""
 
 
 class NativeKernel:
     """Typed handle on the loaded library."""
 
-    def __init__(self, lib: ctypes.CDLL, path: Path) -> None:
+    def __init__(self, lib: ctypes.CDLL, path: Path, isa: str) -> None:
         self.path = path
+        self.isa = isa
         self._forward = lib.dipgo_bsl_forward
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._forward.argtypes = [p, i64, i64, i64, p, i64, p, p, i64, i64, i64, p, i32, p, i64, i64, i32]
@@ -85,22 +112,58 @@ class NativeKernel:
 
 
 def _cpu_tag() -> str:
-    """What ``-march=native`` depends on: the CPU's model and feature flags."""
+    """What a build depends on besides its flags: the CPU's model and feature flags."""
     try:
         info = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in info.splitlines() if ln.startswith(("flags", "model name"))]
+        lines = [ln for ln in info.splitlines() if ln.startswith(("flags", "model name", "cpu family", "model\t"))]
         return " ".join(sorted(set(lines)))
     except OSError:
         return platform.processor() or platform.machine()
 
 
 @functools.cache
-def has_avx512() -> bool:
-    """Whether this CPU has AVX-512F (the kernel's 16-float vectors are then one register)."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where that file does not exist)."""
     try:
-        return any(ln.startswith("flags") and " avx512f" in ln for ln in Path("/proc/cpuinfo").read_text().splitlines())
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
+        pass
+    return frozenset()
+
+
+def has_avx512() -> bool:
+    """Whether this CPU can run the AVX-512 build."""
+    return cpu_can_run("avx512")
+
+
+def cpu_can_run(isa: str) -> bool:
+    """Whether this CPU has every feature the ``isa`` build uses."""
+    if isa != "portable" and platform.machine().lower() not in ("x86_64", "amd64"):
         return False
+    return set(ISA_CPU_FLAGS[isa]) <= cpu_flags()
+
+
+def native_isa() -> str:
+    """The best ISA this CPU runs: ``avx512``, ``avx2`` or ``portable``."""
+    return next(isa for isa in ("avx512", "avx2", "portable") if cpu_can_run(isa))
+
+
+def requested_isa() -> str:
+    """``$DIPGO_KERNEL_ISA`` (``auto`` or unset: :func:`native_isa`). Raises :class:`KernelUnavailable`
+    for an unknown name or an ISA this CPU cannot run."""
+    raw = os.environ.get(ISA_ENV, "").strip().lower()
+    if raw in ("", "auto", "native"):
+        return native_isa()
+    if raw not in ISA_FLAGS:
+        raise KernelUnavailable(
+            f"{ISA_ENV}={raw!r} is not an ISA the kernel has; accepted: auto, {', '.join(ISA_FLAGS)}."
+        )
+    if not cpu_can_run(raw):
+        missing = sorted(set(ISA_CPU_FLAGS[raw]) - cpu_flags()) or [platform.machine()]
+        raise KernelUnavailable(f"{ISA_ENV}={raw} needs CPU features this CPU lacks ({', '.join(missing)}).")
+    return raw
 
 
 def compiler_available() -> bool:
@@ -127,12 +190,17 @@ def _compiler_version(cxx: str) -> str:
         return ""
 
 
-def build(cxx: str, cache_dir: Path) -> Path:
-    """Compile the library into ``cache_dir`` (atomically; concurrent builds are harmless) and return its path."""
-    key = hashlib.sha256(
-        "\n".join([SOURCE.read_text(), " ".join(FLAGS), _compiler_version(cxx), _cpu_tag()]).encode()
-    ).hexdigest()[:16]
-    target = cache_dir / f"block_sparse_linear_{key}.so"
+def build_key(cxx: str, isa: str) -> str:
+    """Digest of everything the library depends on: source, flags, ISA, compiler, CPU."""
+    parts = [SOURCE.read_text(), " ".join(FLAGS), isa, " ".join(ISA_FLAGS[isa]), _compiler_version(cxx), _cpu_tag()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def build(cxx: str, cache_dir: Path, isa: str | None = None) -> Path:
+    """Compile the library for ``isa`` (default: :func:`requested_isa`) into ``cache_dir``
+    (atomically; concurrent builds are harmless) and return its path."""
+    isa = requested_isa() if isa is None else isa
+    target = cache_dir / f"block_sparse_linear_{isa}_{build_key(cxx, isa)}.so"
     if target.is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -140,10 +208,11 @@ def build(cxx: str, cache_dir: Path) -> Path:
     os.close(fd)
     try:
         proc = subprocess.run(
-            [cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+            [cxx, *FLAGS, *ISA_FLAGS[isa], str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"{cxx} failed: {proc.stderr.strip()[-2000:]}")
+            last = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+            raise RuntimeError(f"{cxx} could not build the {isa} kernel ({last.strip()})")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -155,38 +224,59 @@ def disabled() -> bool:
     return os.environ.get("DIPGO_NATIVE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off")
 
 
+def _warn(reason: str) -> None:
+    warnings.warn(
+        f"dipgo.kernels: {reason.rstrip('.')}; the native CPU kernel is off, so SubNets keep their layers "
+        "dense (a direct call of the op computes with the slower pure-PyTorch path).",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def open_kernel(cxx: str, cache_dir: Path, isa: str) -> NativeKernel:
+    """Build (or reuse) and load the ``isa`` library; raises on any failure."""
+    path = build(cxx, cache_dir, isa)
+    lib = ctypes.CDLL(str(path))
+    if lib.dipgo_bsl_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"{path} has ABI {lib.dipgo_bsl_abi_version()}, expected {ABI_VERSION}")
+    built = ISA_CODES.get(lib.dipgo_bsl_isa(), "unknown")
+    if built != isa:
+        raise RuntimeError(f"{cxx} was asked for {isa} code but produced {built} code")
+    return NativeKernel(lib, path, isa)
+
+
 @functools.cache
-def _load_cached() -> NativeKernel | None:
+def _load_cached(isa: str | None = None) -> NativeKernel | None:
+    """One load per ISA and process (a failure is warned about once, then remembered)."""
     cxx = _compiler()
     if cxx is None:
-        warnings.warn(
-            "dipgo.kernels: no C++ compiler found (set CXX or install g++); block-sparse layers run on the "
-            "slower pure-PyTorch path.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        _warn(f"no C++ compiler found ({os.environ.get('CXX', 'g++')}; set CXX or install g++)")
         return None
     try:
-        path = build(cxx, _cache_dir())
-        lib = ctypes.CDLL(str(path))
-        if lib.dipgo_bsl_abi_version() != ABI_VERSION:
-            raise RuntimeError(f"{path} has ABI {lib.dipgo_bsl_abi_version()}, expected {ABI_VERSION}")
-        return NativeKernel(lib, path)
+        return open_kernel(cxx, _cache_dir(), requested_isa() if isa is None else isa)
+    except KernelUnavailable as exc:
+        _warn(str(exc))
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as exc:
-        warnings.warn(
-            f"dipgo.kernels: could not build the native CPU kernel ({exc}); block-sparse layers run on the "
-            "slower pure-PyTorch path.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
+        _warn(f"could not build the native CPU kernel: {exc}")
+    return None
 
 
 def load() -> NativeKernel | None:
-    """The native kernel, or ``None`` (warned once) when it cannot be built or is disabled."""
+    """The native kernel for the requested ISA, or ``None`` (warned once) when it cannot be
+    built, the ISA is refused, or the kernel is disabled."""
     if disabled():
         return None
-    return _load_cached()
+    try:
+        isa = requested_isa()
+    except KernelUnavailable as exc:
+        return _refused(str(exc))
+    return _load_cached(isa)
+
+
+@functools.cache
+def _refused(reason: str) -> None:
+    _warn(reason)
+    return None
 
 
 def available() -> bool:

@@ -4,9 +4,9 @@
 patterns take their masks from block saliency, unstructured and N:M choose them jointly with the
 OBS update (:mod:`dipgo.postprocess.reconstruct`); then optionally the kept weights are distilled
 towards the dense model's outputs; optionally SDS follows (re-dense with a sparse regulariser,
-prune again: :mod:`dipgo.postprocess.sds`). :func:`to_kernels` swaps every masked ``nn.Linear`` whose
-dropped blocks make :func:`dipgo.kernels.kernel_speedup_expected` say yes for a
-:class:`dipgo.kernels.BlockSparseLinear`, leaving the others dense with zeros.
+prune again: :mod:`dipgo.postprocess.sds`). :func:`to_kernels` swaps every masked ``nn.Linear`` that, timed on this machine
+(:func:`dipgo.kernels.decide.decide_layer`), runs faster as a :class:`dipgo.kernels.BlockSparseLinear`
+than on the fastest dense path, leaving the others dense with zeros.
 :func:`export_mask_subnet` writes ``model.safetensors`` (kernel layers in their block-CSR
 layout) + ``mask_subnet.json`` (+ the transformers ``config.json``); :func:`load_mask_subnet`
 rebuilds it without pickle.
@@ -78,21 +78,25 @@ def block_sparsity(mask: torch.Tensor, block: tuple[int, int]) -> float:
 
 
 MIN_BLOCK_SPARSITY = 0.2
-"""Below this share of empty blocks a layer stays dense: on an AVX-512 CPU the native kernel runs
-even a dense pattern about 2x faster than MKL's AVX2 path, a gain that has nothing to do with
-the sparsity and that an unstructured mask (almost no empty 32x32 block) would otherwise claim."""
+"""Below this share of empty blocks a layer stays dense untimed: whatever the kernel gains on a
+near-dense pattern has nothing to do with the sparsity, and an unstructured mask (almost no empty
+32x32 block) would otherwise claim it."""
 
 
 def to_kernels(model: nn.Module, masks: dict[str, torch.Tensor], block: tuple[int, int] = (32, 32), *,
                tokens: int = 256, device: str = "cpu", force: bool = False,
-               min_block_sparsity: float = MIN_BLOCK_SPARSITY) -> dict[str, dict[str, Any]]:
-    """Swap masked Linears for ``BlockSparseLinear`` where the sparsity should pay; in place.
+               min_block_sparsity: float = MIN_BLOCK_SPARSITY, timer: Any = None,
+               use_cache: bool = True) -> dict[str, dict[str, Any]]:
+    """Swap masked Linears for ``BlockSparseLinear`` where it is measured faster; in place.
 
-    A layer converts when at least ``min_block_sparsity`` of its blocks are empty and the cost
-    model expects a speed-up (``force`` skips both checks). Returns
-    ``{path: {"converted": bool, "block_sparsity": s, "reason": ...}}``.
+    A layer converts when at least ``min_block_sparsity`` of its blocks are empty and, timed at
+    ``tokens`` rows per call on this machine, the kernel beats the fastest dense path
+    (:func:`dipgo.kernels.decide.decide_layer`; ``timer`` and ``use_cache`` are passed on).
+    ``force`` skips both checks. Returns ``{path: {"converted": bool, "block_sparsity": s,
+    "reason": ..., "ratio": dense / kernel time or None, "dense_path": ...}}``.
     """
-    from dipgo.kernels import BlockSparseLinear, kernel_speedup_expected
+    from dipgo.kernels import BlockSparseLinear
+    from dipgo.kernels.decide import decide_layer
 
     report: dict[str, dict[str, Any]] = {}
     for path, mask in masks.items():
@@ -106,16 +110,34 @@ def to_kernels(model: nn.Module, masks: dict[str, torch.Tensor], block: tuple[in
             continue
         s = block_sparsity(mask, block)
         if not force and s < min_block_sparsity:
-            report[path] = {"converted": False, "block_sparsity": round(s, 4),
-                            "reason": f"only {s:.0%} of the blocks are empty (< {min_block_sparsity:.0%})"}
-            continue
-        if not force and not kernel_speedup_expected((o, i), s, block, tokens=tokens, device=device):
-            report[path] = {"converted": False, "block_sparsity": round(s, 4), "reason": "no speed-up expected"}
+            report[path] = {"converted": False, "block_sparsity": round(s, 4), "ratio": None,
+                            "reason": f"only {s:.0%} of the blocks are empty (< {min_block_sparsity:.0%}): dense"}
             continue
         new = BlockSparseLinear.from_dense(mod, mask.bool(), block=block)
-        model.set_submodule(path, new)
-        report[path] = {"converted": True, "block_sparsity": round(s, 4)}
+        if force:
+            model.set_submodule(path, new)
+            report[path] = {"converted": True, "block_sparsity": round(s, 4), "ratio": None, "reason": "forced"}
+            continue
+        if not str(device).startswith("cpu"):
+            report[path] = {"converted": False, "block_sparsity": round(s, 4), "ratio": None,
+                            "reason": f"kernel decisions are measured on the CPU only, not {device}: dense"}
+            continue
+        choice = decide_layer(new.weight, new.bias, tokens, timer=timer, use_cache=use_cache)
+        if choice.kernel:
+            model.set_submodule(path, new)
+        report[path] = {"converted": choice.kernel, "block_sparsity": round(s, 4), "ratio": choice.ratio,
+                        "dense_path": choice.dense_path, "times_ms": choice.times_ms, "reason": choice.reason}
     return report
+
+
+def conversion_lines(report: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per layer: what :func:`to_kernels` chose and the measured ratio."""
+    lines = []
+    for path, r in report.items():
+        ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}x"
+        lines.append(f"  {path}: {'kernel' if r['converted'] else 'dense '} {ratio:>6}  "
+                     f"({r.get('reason', '')}; {r.get('block_sparsity', 0):.0%} blocks empty)")
+    return lines
 
 
 def export_mask_subnet(model: nn.Module, plan: Plan, out: str | Path, source: dict[str, Any] | None = None) -> Path:

@@ -1,6 +1,10 @@
-"""Benchmark dipgo's block-sparse linear against dense F.linear (MKL) and torch's BSR matmul.
+"""Benchmark dipgo's block-sparse linear against the dense paths (MKL F.linear, oneDNN) and torch's BSR.
 
-For every (tokens, layer, sparsity) point the three variants are timed interleaved in this
+Speed-ups are quoted against the fastest dense path. The kernel's ISA is the CPU's best unless
+DIPGO_KERNEL_ISA=avx2|avx512 says otherwise (the JSON records it, with the CPU's model and flags);
+ATEN_CPU_CAPABILITY=avx2 makes torch take its AVX2 kernels.
+
+For every (tokens, layer, sparsity) point the variants are timed interleaved in this
 process (medians), ours is checked against a float64 reference, and everything is written to
 one JSON (machine, torch version, threads, load average and the CPU share other jobs use, before
 and after: timings on a shared machine mean little when that share is high). Defaults are GitHub
@@ -8,6 +12,7 @@ issue 5's targets: Linear 768->3072 and 3072->768 at 256 and 2048 tokens, 2 thre
 block sparsity (plus 0%: the kernel on a dense pattern).
 
     python scripts/bench_kernels.py --threads 2 --out docs/results/kernels.json
+    DIPGO_KERNEL_ISA=avx2 python scripts/bench_kernels.py --threads 2 --out docs/results/kernels_avx2.json
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ import torch
 
 from dipgo.kernels import bench
 from dipgo.kernels.layout import ACTIVATIONS, DEFAULT_BLOCK
+
+ENV_VARS = ("DIPGO_KERNEL_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+"""Environment settings that change what is timed; the recorded command repeats them."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,12 +76,14 @@ def main(argv: list[str] | None = None) -> int:
                 except ValueError as exc:
                     print(f"error: {exc}", file=sys.stderr)
                     return 2
-                print(f"T={tokens} {in_f}->{out_f} s={s:g}: dense {row.dense_ms:.2f} ms, ours {row.ours_ms:.2f} ms "
-                      f"({row.speedup:.2f}x), torch BSR {row.bsr_speedup or float('nan'):.2f}x, "
+                print(f"T={tokens} {in_f}->{out_f} s={s:g}: best dense ({row.best_dense}) {row.dense_ms:.2f} ms, "
+                      f"ours {row.ours_ms:.2f} ms ({row.speedup:.2f}x; {row.speedup_vs_mkl:.2f}x vs MKL), "
+                      f"torch BSR {row.bsr_speedup or float('nan'):.2f}x, "
                       f"err {row.max_abs_err:.1e}", flush=True)
                 rows.append(row)
     payload = {
-        "command": "python scripts/bench_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join([*(f"{k}={os.environ[k]}" for k in ENV_VARS if os.environ.get(k)),
+                             "python scripts/bench_kernels.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "seconds": round(time.perf_counter() - t0, 1),
         "machine": info,

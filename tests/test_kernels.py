@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -399,3 +400,209 @@ def test_block_sparse_linear_on_cuda_matches_the_reference():
         y = block_sparse_linear_op(*cuda, "gelu")
         assert y.device.type == "cuda" and y.shape == (2, tokens, out_f)
         assert (y.double().cpu() - ref).abs().max().item() < 1e-3
+
+
+# --- measured kernel-or-dense decisions -----------------------------------------------------------
+
+
+def _fake_timer(kernel_s: float, mkl_s: float, onednn_s: float, calls: list[set[str]]):
+    def timer(fns):
+        calls.append(set(fns))
+        for fn in fns.values():  # every variant must really be callable on this layer
+            fn()
+        table = {"kernel": kernel_s, "mkl": mkl_s, "onednn": onednn_s}
+        return {n: table[n] for n in fns}
+
+    return timer
+
+
+def _layer(sparsity=0.7, seed=0):
+    _, packed = random_block_sparse(256, 512, sparsity, (32, 32), seed=seed)
+    return packed, torch.randn(256)
+
+
+@pytest.fixture
+def decision_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIPGO_CACHE", str(tmp_path))
+    if native.load() is None:
+        pytest.skip("native kernel unavailable: every decision is 'dense' without timing")
+    return tmp_path
+
+
+def test_decision_follows_the_fastest_dense_path(decision_cache):
+    from dipgo.kernels.decide import decide_layer
+
+    packed, bias = _layer()
+    calls: list[set[str]] = []
+    slower = decide_layer(packed, bias, 256, timer=_fake_timer(2.0, 3.0, 1.9, calls), use_cache=False)
+    assert not slower.kernel and slower.dense_path == "onednn" and slower.ratio == pytest.approx(0.95)
+    assert "dense" in slower.reason and "0.95x vs onednn" in slower.reason
+    faster = decide_layer(packed, bias, 256, timer=_fake_timer(1.0, 3.0, 2.5, calls), use_cache=False)
+    assert faster.kernel and faster.dense_path == "onednn" and faster.ratio == pytest.approx(2.5)
+    marginal = decide_layer(packed, bias, 256, timer=_fake_timer(1.0, 1.05, 1.2, calls), use_cache=False)
+    assert not marginal.kernel and marginal.dense_path == "mkl"  # 1.05x < the 1.1x noise margin
+    assert all({"kernel", "mkl"} <= c for c in calls)
+
+
+def test_decision_cache_is_keyed_by_machine(decision_cache, monkeypatch):
+    from dipgo.kernels import decide
+
+    packed, bias = _layer()
+    calls: list[set[str]] = []
+    first = decide.decide_layer(packed, bias, 256, timer=_fake_timer(1.0, 2.0, 2.0, calls))
+    again = decide.decide_layer(packed, bias, 256, timer=_fake_timer(9.0, 2.0, 2.0, calls))
+    assert len(calls) == 1 and not first.cached and again.cached and again.kernel and again.ratio == 2.0
+    other_tokens = decide.decide_layer(packed, bias, 64, timer=_fake_timer(9.0, 2.0, 2.0, calls))
+    assert len(calls) == 2 and not other_tokens.kernel  # another token count is another layer entry
+    other_mask, _ = _layer(seed=3)
+    decide.decide_layer(other_mask, bias, 256, timer=_fake_timer(1.0, 2.0, 2.0, calls))
+    assert len(calls) == 3  # same density, other kept blocks: timed again
+    files = list((decision_cache / decide.CACHE_SUBDIR).glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["machine"]["threads"] == torch.get_num_threads()
+    key = decide.machine_key(native.load())
+    for field, value in (("threads", key["threads"] + 1), ("torch", "0.0"), ("isa", "other"), ("cpu", "other")):
+        changed = {**key, field: value}
+        monkeypatch.setattr(decide, "machine_key", lambda kernel, changed=changed: changed)
+        miss = decide.decide_layer(packed, bias, 256, timer=_fake_timer(9.0, 2.0, 2.0, calls))
+        assert not miss.cached and not miss.kernel, field
+    assert len(calls) == 7 and len(list((decision_cache / decide.CACHE_SUBDIR).glob("*.json"))) == 5
+
+
+def test_decision_without_native_kernel_is_dense(monkeypatch, tmp_path):
+    from dipgo.kernels.decide import decide_layer
+
+    monkeypatch.setenv("DIPGO_CACHE", str(tmp_path))
+    monkeypatch.setenv("DIPGO_NATIVE_KERNELS", "0")
+    packed, bias = _layer(0.9)
+    choice = decide_layer(packed, bias, 256, timer=lambda fns: pytest.fail("must not time"))
+    assert not choice.kernel and "unavailable" in choice.reason
+
+
+def test_to_kernels_converts_only_layers_measured_faster(decision_cache, monkeypatch):
+    from dipgo.kernels import decide
+    from dipgo.postprocess.mask_subnet import conversion_lines, to_kernels
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 512))
+    masks = {}
+    for name in ("0", "2"):
+        lin = model.get_submodule(name)
+        _, packed = random_block_sparse(lin.out_features, lin.in_features, 0.7, (32, 32))
+        masks[name] = packed.to_dense() != 0
+    monkeypatch.setattr(decide, "estimated_speedup", lambda *a, **k: 1.0)
+    speeds = {256: 1.0, 512: 5.0}  # by out_features: layer 0 measures faster, layer 2 slower
+
+    def timer(fns):
+        out_f = fns["kernel"]().shape[-1]
+        return {n: speeds[out_f] if n == "kernel" else 2.0 for n in fns}
+
+    x = torch.randn(3, 512)
+    with torch.no_grad():
+        for name, m in masks.items():
+            model.get_submodule(name).weight.mul_(m)
+        ref = model(x)
+    report = to_kernels(model, masks, (32, 32), tokens=128, timer=timer)
+    assert isinstance(model[0], BlockSparseLinear) and isinstance(model[2], nn.Linear)
+    assert report["0"]["converted"] and report["0"]["ratio"] == 2.0
+    assert not report["2"]["converted"] and report["2"]["ratio"] == pytest.approx(0.4)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+    lines = conversion_lines(report)
+    assert "kernel" in lines[0] and "2.00x" in lines[0] and "dense" in lines[1] and "0.40x" in lines[1]
+
+
+# --- ISA builds and failures ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_each_isa_build_matches_reference(isa, monkeypatch):
+    """Both register-tile shapes, wherever the CPU can run them and the compiler target them."""
+    if not native.cpu_can_run(isa):
+        pytest.skip(f"this CPU lacks {', '.join(native.ISA_CPU_FLAGS[isa])}: the {isa} build cannot run here")
+    cxx = native._compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler on this machine: the native CPU kernel cannot be built")
+    monkeypatch.setenv(native.ISA_ENV, isa)
+    kernel = native.load()
+    assert kernel is not None and kernel.isa == isa and f"_{isa}_" in kernel.path.name
+    gen = torch.Generator().manual_seed(2)
+    # K = 1024 and 2048: x rows a multiple of 4 KB apart
+    for out_f, in_f, block in LAYERS + [(128, 96, (64, 32)), (96, 1024, (32, 32)), (64, 2048, (16, 64))]:
+        _, packed = random_block_sparse(out_f, in_f, 0.5, block, seed=in_f)
+        bias = torch.randn(out_f, generator=gen)
+        for tokens in (1, 5, 13, 37, 300):  # every remainder tile of the 6-, 12- and 14-row tiles
+            for act in ACTS:
+                assert_matches_reference(torch.randn(tokens, in_f, generator=gen), packed, bias, act)
+
+
+def test_avx2_build_has_no_avx512_instructions(tmp_path):
+    """The forced AVX2 build must really be AVX2 code (no zmm register anywhere)."""
+    cxx, objdump = native._compiler(), shutil.which("objdump")
+    if cxx is None or objdump is None:
+        pytest.skip("needs a C++ compiler and objdump")
+    path = native.build(cxx, tmp_path, "avx2")
+    asm = subprocess.run([objdump, "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "vfmadd231ps" in asm and "%ymm" in asm and "%zmm" not in asm
+
+
+def test_isa_cache_key_differs_by_isa_and_cpu(monkeypatch):
+    cxx = native._compiler() or "g++"
+    keys = {native.build_key(cxx, isa) for isa in native.ISA_FLAGS}
+    assert len(keys) == len(native.ISA_FLAGS)
+    key = native.build_key(cxx, "avx2")
+    monkeypatch.setattr(native, "_cpu_tag", lambda: "model name : some other CPU")
+    assert native.build_key(cxx, "avx2") != key
+
+
+@pytest.mark.parametrize("value,match", [
+    ("bogus", r"DIPGO_KERNEL_ISA='bogus' is not an ISA the kernel has; accepted: auto, avx512, avx2, portable"),
+])
+def test_bad_isa_warns_once_and_subnets_stay_dense(value, match, monkeypatch, tmp_path):
+    from dipgo.kernels.decide import decide_layer
+
+    monkeypatch.setenv(native.ISA_ENV, value)
+    monkeypatch.setenv("DIPGO_CACHE", str(tmp_path))
+    native._refused.cache_clear()
+    with pytest.warns(RuntimeWarning, match=match) as record:
+        assert native.load() is None
+    assert len(record) == 1 and "\n" not in str(record[0].message) and "dense" in str(record[0].message)
+    packed, bias = _layer(0.9)
+    assert not decide_layer(packed, bias, 256, timer=lambda fns: pytest.fail("must not time")).kernel
+
+
+def test_isa_the_cpu_cannot_run_is_refused(monkeypatch):
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"sse2", "avx", "avx2", "fma"}))
+    monkeypatch.setenv(native.ISA_ENV, "avx512")
+    with pytest.raises(native.KernelUnavailable, match="needs CPU features this CPU lacks.*avx512f"):
+        native.requested_isa()
+    monkeypatch.delenv(native.ISA_ENV)
+    if native.platform.machine().lower() in ("x86_64", "amd64"):
+        assert native.native_isa() == "avx2"
+
+
+def test_compiler_that_cannot_target_the_isa_warns(monkeypatch, tmp_path):
+    """A compiler that fails (here: a script that rejects every -march) gives one warning sentence
+    naming the reason, and no kernel."""
+    fake = tmp_path / "fakecxx"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = --version ]; then echo fake 1.0; exit 0; fi\n"
+                    "echo \"error: bad value for -march= switch\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    monkeypatch.setenv("DIPGO_KERNEL_CACHE", str(tmp_path / "cache"))
+    native._load_cached.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"could not build the \w+ kernel \(error: bad value for -march") as rec:
+            assert native.load() is None
+        assert len(rec) == 1 and "\n" not in str(rec[0].message)
+    finally:
+        native._load_cached.cache_clear()
+
+
+def test_nonexistent_compiler_warns(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    native._load_cached.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler found \(/nonexistent/c\+\+"):
+            assert native.load() is None
+    finally:
+        native._load_cached.cache_clear()

@@ -9,7 +9,6 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import dipgo.kernels
 from dipgo.cli import main
 from dipgo.files import write_bytes_atomic
 from dipgo.models.configured import load_configured_model
@@ -50,8 +49,13 @@ def mask_run_dir(model: Path, root: Path, pattern: str, target: float = 0.5) -> 
 def test_bench_mask_plan_on_kernels(pattern: str, bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = mask_run_dir(bert, tmp_path, pattern)
-    # the tiny model's 32-wide layers never pay on the kernel: force the conversion to check correctness
-    monkeypatch.setattr(dipgo.kernels, "kernel_speedup_expected", lambda *a, **k: True)
+    # the tiny model's 32-wide layers never pay on the kernel: a fake timer that says they do puts
+    # them on it, to check the SubNet's correctness and the per-layer report
+    import dipgo.kernels.decide as decide
+
+    monkeypatch.setenv("DIPGO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(decide, "estimated_speedup", lambda *a, **k: 1.0)
+    monkeypatch.setattr(decide, "default_timer", lambda fns: {n: 1.0 if n == "kernel" else 2.0 for n in fns})
     out = tmp_path / "bench.json"
     assert main(["bench", str(run_dir), "--runs", "2", "--warmup", "1", "--batch", "4", "--threads", "1",
                  "--out", str(out)]) == 0
@@ -66,15 +70,19 @@ def test_bench_mask_plan_on_kernels(pattern: str, bert: Path, tmp_path: Path, mo
     assert result["masked_density"] == pytest.approx(result["density"], abs=1e-6)  # params-weighted: the same mean
     assert result["latency_ms"]["full"] > 0 and result["latency_ms"]["subnet"] > 0 and result["speedup"] > 0
     assert result["max_abs_diff"] < 1e-4
+    assert all(r["ratio"] == 2.0 and r["dense_path"] in ("mkl", "onednn") for r in result["conversion"].values())
     lines = capsys.readouterr().out
     assert f"pattern {pattern}" in lines and "speedup" in lines and f"written: {out}" in lines
+    assert lines.count("2.00x  (measured 2.00x vs") == result["masked_layers"]
 
 
-def test_bench_mask_plan_keeps_layers_dense_where_kernels_do_not_pay(bert: Path, tmp_path: Path) -> None:
+def test_bench_mask_plan_keeps_layers_dense_where_kernels_do_not_pay(bert: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIPGO_CACHE", str(tmp_path / "cache"))
     run_dir = mask_run_dir(bert, tmp_path, "rowblock16")
     out = tmp_path / "bench.json"
     assert main(["bench", str(run_dir), "--runs", "1", "--warmup", "0", "--batch", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["kernel_layers"] == 0 and result["masked_layers"] > 0  # 32-wide layers: dense with zeros
-    assert all(r["reason"] == "no speed-up expected" for r in result["conversion"].values())
+    assert all(r["reason"].endswith(": dense") for r in result["conversion"].values())
     assert result["max_abs_diff"] == 0.0 and result["speedup"] > 0

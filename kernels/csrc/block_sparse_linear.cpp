@@ -3,93 +3,114 @@
 // Layout (see dipgo/kernels/layout.py): W (N, K) is cut into blocks of bn output rows x bk input
 // columns. Block row j (output features j*bn .. j*bn+bn-1) keeps the blocks
 // col_indices[row_ptr[j] .. row_ptr[j+1]); block b's values are stored k-major, values[b][kk][n],
-// so that one k step of the micro-kernel loads bn contiguous weights (bn / 16 vector loads).
+// so that one k step of the micro-kernel loads a panel of contiguous weights.
 //
-// The micro-kernel computes an MR x bn tile of y in registers: per k it broadcasts one x value per
-// row and does MR * bn / 16 fused multiply-adds. Bias and activation are applied to the
-// registers before the single store (no second pass over y). Work items are (row chunk, block row)
-// pairs, scheduled dynamically so block rows with more kept blocks do not stall a thread.
+// The micro-kernel computes an MR x (NV * VL) tile of y in registers (a "panel" of the block row's
+// bn columns): per k it loads NV weight vectors, broadcasts one x value per row and does MR * NV
+// fused multiply-adds. The tile shape is chosen per ISA so that the MR * NV accumulators, the NV
+// weight vectors and the broadcast fit the register file without spilling:
 //
-// Plain C ABI, no torch headers: compiles in about a second and is called through ctypes.
-// GCC vector extensions (16 x float) become AVX-512 with -march=native where the CPU has it, or
-// pairs of AVX2 instructions otherwise.
+//   AVX-512 (32 zmm, VL 16): 12 x 32 (24 acc + 2 w + 1 broadcast); 14 x 16 for bn = 16
+//   AVX2    (16 ymm, VL  8):  6 x 16 (12 acc + 2 w + 1 broadcast), every bn cut into 16-wide panels
+//
+// (The first version used 16-float vectors everywhere; on AVX2 each became a pair of ymm registers,
+// the accumulators spilled, and the kernel ran 13-27x slower than MKL: GitHub issue 14.)
+// A block row wider than the panel is done panel by panel while the tile's x rows stay in L1.
+// Bias and activation are applied to the registers before the single store (no second pass over
+// y). Work items are (row chunk, block row) pairs, scheduled dynamically so block rows with more
+// kept blocks do not stall a thread.
+//
+// The ISA is the compiler's target (-march=x86-64-v4 / -v3, chosen by dipgo/kernels/native.py from
+// the CPU or DIPGO_KERNEL_ISA); dipgo_bsl_isa() reports what was really compiled, so a compiler that
+// silently ignored the flags is caught by the loader. Plain C ABI, no torch headers: compiles in
+// about a second and is called through ctypes.
 
 #include <cstdint>
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef float v16f_u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
-static inline v16f load16(const float* p) { return *(const v16f_u*)p; }
-static inline void store16(float* p, v16f v) { *(v16f_u*)p = v; }
-static inline v16f splat(float s) { return (v16f){} + s; }
-
 #if defined(__AVX512F__)
-// 32 vector registers: MR * bn / 16 accumulators + bn / 16 weight vectors + 1 broadcast.
-#define DIPGO_MR16 14
-#define DIPGO_MR32 12
-#define DIPGO_MR64 6
+#define DIPGO_ISA 2
+#define DIPGO_VL 16
+#elif defined(__AVX2__) && defined(__FMA__)
+#define DIPGO_ISA 1
+#define DIPGO_VL 8
 #else
-// 16 AVX2 registers, and every v16f takes two of them.
-#define DIPGO_MR16 6
-#define DIPGO_MR32 3
-#define DIPGO_MR64 1
+#define DIPGO_ISA 0  // portable build: whatever the compiler makes of 8-float vectors
+#define DIPGO_VL 8
+#endif
+
+constexpr int VL = DIPGO_VL;
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef float vf_u __attribute__((vector_size(VL * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+
+static inline vf loadv(const float* p) { return *(const vf_u*)p; }
+static inline void storev(float* p, vf v) { *(vf_u*)p = v; }
+static inline vf splat(float s) { return (vf){} + s; }
+
+// Tile per block height: rows MR, vectors per row NV (panel width NV * VL columns, <= bn).
+#if DIPGO_ISA == 2
+template <int BN> struct Tile { static constexpr int NV = BN == 16 ? 1 : 2, MR = BN == 16 ? 14 : 12; };
+#elif DIPGO_ISA == 1
+template <int BN> struct Tile { static constexpr int NV = 2, MR = 6; };
+#else
+template <int BN> struct Tile { static constexpr int NV = 2, MR = 4; };
 #endif
 
 // exp(x) for x in [-87, 0] (all gelu needs): 2^n * p(r), |r| <= ln2 / 2, relative error ~1e-7.
-static inline v16f exp_nonpos(v16f x) {
+static inline vf exp_nonpos(vf x) {
   x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  v16f t = x * 1.44269504088896341f;
-  v16i n = __builtin_convertvector(t - 0.5f, v16i);  // round half down; t <= 0 so truncation is ceil
-  v16f nf = __builtin_convertvector(n, v16f);
-  v16f r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
-  v16f p = splat(1.9875691500e-4f);
+  vf t = x * 1.44269504088896341f;
+  vi n = __builtin_convertvector(t - 0.5f, vi);  // round half down; t <= 0 so truncation is ceil
+  vf nf = __builtin_convertvector(n, vf);
+  vf r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  v16i bits = (n + 127) << 23;
-  return p * (v16f)bits;
+  vi bits = (n + 127) << 23;
+  return p * (vf)bits;
 }
 
 // gelu(x) = x / 2 * (1 + erf(x / sqrt 2)); erf from Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7),
 // written as erfc for negative arguments so that 1 + erf(z) does not cancel.
-static inline v16f gelu16(v16f x) {
-  v16f z = x * 0.70710678118654752f;
-  v16f az = z < 0 ? -z : z;
-  v16f t = 1.0f / (1.0f + 0.3275911f * az);
-  v16f poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
-  v16f q = poly * exp_nonpos(-az * az);  // erfc(|z|)
-  v16f one_plus_erf = z < 0 ? q : 2.0f - q;
+static inline vf gelu(vf x) {
+  vf z = x * 0.70710678118654752f;
+  vf az = z < 0 ? -z : z;
+  vf t = 1.0f / (1.0f + 0.3275911f * az);
+  vf poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  vf q = poly * exp_nonpos(-az * az);  // erfc(|z|)
+  vf one_plus_erf = z < 0 ? q : 2.0f - q;
   return 0.5f * x * one_plus_erf;
 }
 
-static inline v16f activate(v16f v, int act) {
-  if (act == 1) return v > 0 ? v : (v16f){};
-  if (act == 2) return gelu16(v);
+static inline vf activate(vf v, int act) {
+  if (act == 1) return v > 0 ? v : (vf){};
+  if (act == 2) return gelu(v);
   return v;
 }
 
-// One MR x (16 * NV) tile of y over the nb kept blocks of a block row.
+// One MR x (NV * VL) tile of y over the nb kept blocks of a block row. ``vals`` points at the
+// panel's first column in block 0; ldw (= bn) is the k-row stride inside a block.
 template <int MR, int NV>
 static inline void micro_kernel(const float* __restrict x, int64_t ldx, const float* __restrict vals,
-                                const int32_t* __restrict cols, int64_t nb, int64_t bk, float* __restrict y,
-                                int64_t ldy, const float* __restrict bias, int act) {
-  constexpr int BN = NV * 16;
-  v16f acc[MR][NV];
+                                const int32_t* __restrict cols, int64_t nb, int64_t bk, int64_t ldw,
+                                float* __restrict y, int64_t ldy, const float* __restrict bias, int act) {
+  vf acc[MR][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = (v16f){};
+    for (int v = 0; v < NV; ++v) acc[r][v] = (vf){};
+  const int64_t block_size = bk * ldw;
   for (int64_t b = 0; b < nb; ++b) {
     const float* xp = x + (int64_t)cols[b] * bk;
-    const float* wp = vals + b * bk * BN;
+    const float* wp = vals + b * block_size;
     for (int64_t kk = 0; kk < bk; ++kk) {
-      v16f w[NV];
+      vf w[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) w[v] = load16(wp + kk * BN + v * 16);
+      for (int v = 0; v < NV; ++v) w[v] = loadv(wp + kk * ldw + v * VL);
 #pragma GCC unroll 16
       for (int r = 0; r < MR; ++r) {
         const float s = xp[r * ldx + kk];
@@ -98,43 +119,58 @@ static inline void micro_kernel(const float* __restrict x, int64_t ldx, const fl
       }
     }
   }
-  v16f bv[NV];
+  vf bv[NV];
 #pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) bv[v] = bias ? load16(bias + v * 16) : (v16f){};
+  for (int v = 0; v < NV; ++v) bv[v] = bias ? loadv(bias + v * VL) : (vf){};
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) store16(y + r * ldy + v * 16, activate(acc[r][v] + bv[v], act));
+    for (int v = 0; v < NV; ++v) storev(y + r * ldy + v * VL, activate(acc[r][v] + bv[v], act));
+}
+
+// R rows of one block row, every panel of its BN columns (panels inner: the R x-rows stay in L1).
+template <int R, int NV, int BN>
+static inline void row_tile(const float* x, int64_t ldx, const float* vals, const int32_t* cols, int64_t nb,
+                            int64_t bk, float* y, int64_t ldy, const float* bias, int act) {
+  constexpr int PW = NV * VL;
+  static_assert(BN % PW == 0, "the panel must divide the block height");
+#pragma GCC unroll 1
+  for (int p = 0; p < BN; p += PW)
+    micro_kernel<R, NV>(x, ldx, vals + p, cols, nb, bk, BN, y + p, ldy, bias ? bias + p : nullptr, act);
 }
 
 // All `rows` rows of one block row: full MR tiles, then the remainder in tiles of 8, 4, 2, 1.
-template <int NV, int MR>
+template <int BN>
 static void block_row(const float* x, int64_t ldx, int64_t rows, const float* vals, const int32_t* cols,
                       int64_t nb, int64_t bk, float* y, int64_t ldy, const float* bias, int act) {
+  constexpr int MR = Tile<BN>::MR, NV = Tile<BN>::NV;
   for (; rows >= MR; rows -= MR, x += MR * ldx, y += MR * ldy)
-    micro_kernel<MR, NV>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act);
+    row_tile<MR, NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act);
   if (MR > 8 && rows >= 8) {
-    micro_kernel<(MR > 8 ? 8 : 1), NV>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act);
+    row_tile<(MR > 8 ? 8 : 1), NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act);
     rows -= 8, x += 8 * ldx, y += 8 * ldy;
   }
   if (MR > 4 && rows >= 4) {
-    micro_kernel<(MR > 4 ? 4 : 1), NV>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act);
+    row_tile<(MR > 4 ? 4 : 1), NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act);
     rows -= 4, x += 4 * ldx, y += 4 * ldy;
   }
   if (MR > 2 && rows >= 2) {
-    micro_kernel<(MR > 2 ? 2 : 1), NV>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act);
+    row_tile<(MR > 2 ? 2 : 1), NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act);
     rows -= 2, x += 2 * ldx, y += 2 * ldy;
   }
-  for (; rows > 0; --rows, x += ldx, y += ldy) micro_kernel<1, NV>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act);
+  for (; rows > 0; --rows, x += ldx, y += ldy) row_tile<1, NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act);
 }
 
 extern "C" {
 
 // Version of this ABI; the Python loader refuses a library that reports another one.
-int dipgo_bsl_abi_version(void) { return 1; }
+int dipgo_bsl_abi_version(void) { return 2; }
+
+// What this build was compiled for: 0 portable, 1 AVX2 + FMA, 2 AVX-512F.
+int dipgo_bsl_isa(void) { return DIPGO_ISA; }
 
 // Rows per micro-kernel tile for block height bn (the Python side rounds row chunks to it).
-int dipgo_bsl_tile_rows(int bn) { return bn == 16 ? DIPGO_MR16 : bn == 32 ? DIPGO_MR32 : DIPGO_MR64; }
+int dipgo_bsl_tile_rows(int bn) { return bn == 16 ? Tile<16>::MR : bn == 32 ? Tile<32>::MR : Tile<64>::MR; }
 
 // y[T, N] = act(x[T, K] @ W^T + bias). x rows are ldx floats apart, y rows ldy floats apart.
 // row_ptr has N / bn + 1 entries, col_indices nnz entries in [0, K / bk). act: 0 none, 1 relu,
@@ -166,11 +202,11 @@ int dipgo_bsl_forward(const float* x, int64_t T, int64_t K, int64_t ldx, const f
     const float* xp = x + r0 * ldx;
     float* yp = y + r0 * ldy + j * bn;
     if (bn == 16)
-      block_row<1, DIPGO_MR16>(xp, ldx, rows, vp, cols + b0, nb, bk, yp, ldy, bp, act);
+      block_row<16>(xp, ldx, rows, vp, cols + b0, nb, bk, yp, ldy, bp, act);
     else if (bn == 32)
-      block_row<2, DIPGO_MR32>(xp, ldx, rows, vp, cols + b0, nb, bk, yp, ldy, bp, act);
+      block_row<32>(xp, ldx, rows, vp, cols + b0, nb, bk, yp, ldy, bp, act);
     else
-      block_row<4, DIPGO_MR64>(xp, ldx, rows, vp, cols + b0, nb, bk, yp, ldy, bp, act);
+      block_row<64>(xp, ldx, rows, vp, cols + b0, nb, bk, yp, ldy, bp, act);
   }
   return 0;
 }
