@@ -39,7 +39,7 @@ def one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def one_of(key: str, value: str, accepted: Sequence[str]) -> None:
+def one_of(key: str, value: object, accepted: Sequence[object]) -> None:
     """Refuse ``key=value`` with a :class:`ConfigError` unless ``value`` is one of ``accepted``."""
     if value not in accepted:
-        raise ConfigError(f"{key}={value!r} is not supported; accepted: {', '.join(accepted)}")
+        raise ConfigError(f"{key}={value!r} is not supported; accepted: {', '.join(map(str, accepted))}")

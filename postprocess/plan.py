@@ -19,6 +19,9 @@ from dipgo.errors import PlanError
 from dipgo.files import read_json, write_json_atomic
 
 PLAN_VERSION = 1
+# forecast orders a reuse plan may record (supernets/forecast.py FORECAST_ORDERS; kept literal so
+# that reading a plan imports no torch)
+FORECAST_ORDERS: tuple[int, ...] = (0, 1, 2)
 
 
 @dataclass
@@ -100,21 +103,34 @@ class Plan:
 
 @dataclass(frozen=True)
 class ReusePayload:
-    """How the reuse units are rebuilt: ``granularity`` (block / layer), the requested ``mode`` and
-    the per-unit ``modes`` the search used (output / residual), checked against the model."""
+    """How the reuse units are rebuilt: ``granularity`` (block / layer), the requested ``mode``, the
+    per-unit ``modes`` the search used (output / residual), checked against the model, and what a
+    closed unit returns: ``forecast_order`` 0 = its last computed output, 1 / 2 = a linear /
+    quadratic extrapolation from its computed steps (written only when nonzero, so plans without
+    forecasting keep the bytes they always had)."""
 
     granularity: str = "block"
     mode: str = "auto"
     modes: list[str] | None = None
+    forecast_order: int = 0
+
+    def __post_init__(self) -> None:
+        if type(self.forecast_order) is not int or self.forecast_order not in FORECAST_ORDERS:
+            raise PlanError(
+                f"plan forecast_order must be one of {', '.join(map(str, FORECAST_ORDERS))}, got {self.forecast_order!r}"
+            )
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> ReusePayload:
         modes = meta.get("modes")
         return cls(str(meta.get("granularity", "block")), str(meta.get("mode", "auto")),
-                   None if modes is None else [str(m) for m in modes])
+                   None if modes is None else [str(m) for m in modes], meta.get("forecast_order", 0))
 
     def to_meta(self) -> dict[str, Any]:
-        return {"granularity": self.granularity, "mode": self.mode, "modes": self.modes}
+        meta: dict[str, Any] = {"granularity": self.granularity, "mode": self.mode, "modes": self.modes}
+        if self.forecast_order:
+            meta["forecast_order"] = self.forecast_order
+        return meta
 
 
 @dataclass(frozen=True)

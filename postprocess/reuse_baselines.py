@@ -19,7 +19,15 @@ the measurement.
   on a calibration trajectory, :func:`block_change_scores`) get the longest intervals.
 * ``random``: random slots closed until the budget holds, then re-opened greedily, the same
   procedure as ``extract_reuse_plan`` with random instead of learned probabilities: what the pruner
-  adds over chance.
+  adds over chance. It runs with the SuperNet's forecast order (the same closed-slot behaviour as
+  the dipgo plan), so it isolates the schedule.
+* ``taylorseer1`` / ``taylorseer2`` (TaylorSeer, Liu et al. ICCV 2025, training-free forecasting):
+  the ``uniform`` schedule, but a closed unit *forecasts* its output (or residual) by a first /
+  second order extrapolation from its computed steps instead of copying it
+  (:mod:`dipgo.supernets.forecast`).
+
+The published schedules above (DeepCache, FORA, Learning-to-Cache) copy: their plans record
+forecast order 0, whatever the SuperNet's.
 
 ``fewer_steps`` is not a plan (it changes the step count); the report builds it.
 
@@ -80,7 +88,11 @@ from dipgo.supernets.reuse import ReuseSuperNet
 
 log = logging.getLogger(__name__)
 
-PLAN_BASELINES: tuple[str, ...] = ("deepcache", "uniform", "static_per_block", "random")
+PLAN_BASELINES: tuple[str, ...] = ("deepcache", "uniform", "static_per_block", "random", "taylorseer1", "taylorseer2")
+# what a closed unit of each baseline returns: 0 = a copy (as published); None = the SuperNet's order
+BASELINE_ORDERS: dict[str, int | None] = {
+    "deepcache": 0, "uniform": 0, "static_per_block": 0, "random": None, "taylorseer1": 1, "taylorseer2": 2,
+}
 DIFFUSERS_CACHES: tuple[str, ...] = ("first_block_cache", "pyramid_attention_broadcast", "faster_cache")
 DEFAULT_INTERVALS: tuple[int, ...] = tuple(range(2, 11))
 # kwargs holding the batched [uncond, cond] halves that FasterCache must split (diffusers' default
@@ -102,11 +114,12 @@ class BaselineNotApplicable(ValueError):
 def _meta(supernet: ReuseSuperNet, name: str, label: str, params: Mapping[str, Any]) -> dict[str, Any]:
     """What ``install_plan`` needs to rebuild the units, plus the baseline's name and parameters."""
     cfg = supernet.config
+    order = BASELINE_ORDERS.get(name)
     return {
         "baseline": name,
         "label": label,
         "params": dict(params),
-        **ReusePayload(cfg.granularity, cfg.mode, supernet.modes).to_meta(),
+        **ReusePayload(cfg.granularity, cfg.mode, supernet.modes, cfg.forecast_order if order is None else order).to_meta(),
         "scheduler": cfg.scheduler,
         "guidance_scale": cfg.guidance_scale,
     }
@@ -216,15 +229,19 @@ def deepcache_plan(supernet: ReuseSuperNet, interval: int, branch: int) -> Plan:
 # ----------------------------------------------------------------------------- uniform (FORA)
 
 
-def uniform_reuse_plan(supernet: ReuseSuperNet, interval: int) -> Plan:
+def uniform_reuse_plan(supernet: ReuseSuperNet, interval: int, forecast_order: int = 0) -> Plan:
     """FORA-style schedule: every ``interval``-th step full, every unit reused in between.
 
     Valid for any model; on transformer blocks in residual mode a reused block replays its cached
-    residual on the current input (FORA), on UNet blocks the cached outputs.
+    residual on the current input (FORA), on UNet blocks the cached outputs. With
+    ``forecast_order`` 1 or 2 the reused units extrapolate instead (TaylorSeer).
     """
     _check_interval(interval)
     grid = _interval_grid(supernet.num_steps, interval, [False] * len(supernet.block_names))
-    return _make_plan(supernet, grid, None, "uniform", f"uniform reuse N={interval}", {"interval": interval})
+    if forecast_order == 0:
+        return _make_plan(supernet, grid, None, "uniform", f"uniform reuse N={interval}", {"interval": interval})
+    name = f"taylorseer{forecast_order}"
+    return _make_plan(supernet, grid, None, name, f"TaylorSeer o{forecast_order} N={interval}", {"interval": interval})
 
 
 # ----------------------------------------------------------------------------- change scores
@@ -453,10 +470,12 @@ def _deepcache_search(supernet: ReuseSuperNet, target: float, intervals: Sequenc
     return _search(supernet, target, "deepcache", cands, rows, deepcache_plan, tolerance)
 
 
-def _uniform_search(supernet: ReuseSuperNet, target: float, intervals: Sequence[int], tolerance: float) -> Plan:
-    cands = [{"interval": n} for n in intervals]
+def _uniform_search(supernet: ReuseSuperNet, target: float, intervals: Sequence[int], tolerance: float,
+                    forecast_order: int = 0) -> Plan:
+    cands = [{"interval": n, "forecast_order": forecast_order} for n in intervals]
     rows = [[False] * len(supernet.block_names)] * len(cands)
-    return _search(supernet, target, "uniform", cands, rows, uniform_reuse_plan, tolerance)
+    name = "uniform" if forecast_order == 0 else f"taylorseer{forecast_order}"
+    return _search(supernet, target, name, cands, rows, uniform_reuse_plan, tolerance)
 
 
 def _one_baseline(name: str, supernet: ReuseSuperNet, target: float, calib_batch: Mapping[str, Any] | None,
@@ -465,6 +484,8 @@ def _one_baseline(name: str, supernet: ReuseSuperNet, target: float, calib_batch
         return _deepcache_search(supernet, target, intervals, tolerance)
     if name == "uniform":
         return _uniform_search(supernet, target, intervals, tolerance)
+    if name in ("taylorseer1", "taylorseer2"):
+        return _uniform_search(supernet, target, intervals, tolerance, int(name[-1]))
     if name == "static_per_block":
         if calib_batch is None:
             raise ValueError("static_per_block needs calib_batch= (a batch with 'noise') to measure block change scores")

@@ -116,7 +116,7 @@ def _plan_meta(supernet: ReuseSuperNet, probs: torch.Tensor, meta: dict[str, Any
     """What ``install_plan`` needs to rebuild the units, the probabilities (for heatmaps), the caller's provenance."""
     cfg = supernet.config
     return {
-        **ReusePayload(cfg.granularity, cfg.mode, supernet.modes).to_meta(),
+        **ReusePayload(cfg.granularity, cfg.mode, supernet.modes, cfg.forecast_order).to_meta(),
         "scheduler": cfg.scheduler,
         "guidance_scale": cfg.guidance_scale,
         "keep_probs": [[round(p, 4) for p in row] for row in probs.tolist()],  # (S-1, B)

@@ -28,7 +28,7 @@ from dipgo.models.io import null_class_for
 from dipgo.postprocess.plan import Plan, ReusePayload
 from dipgo.postprocess.reuse_plan import check_plan_fits
 from dipgo.supernets.adapters import ConsumerGraph, get_reuse_adapter
-from dipgo.supernets.reuse import ReuseHooks, StepState, effective_grid
+from dipgo.supernets.reuse import ReuseHooks, StepState, cache_nbytes, effective_grid
 from dipgo.supernets.sampling import make_model_fn, make_scheduler, sample
 
 SUBNET_FORMAT = "dipgo.reuse_subnet"
@@ -68,9 +68,12 @@ def _head_is_step_independent(model: nn.Module) -> bool:
 class ReusePlanHandle:
     """An installed plan: counts steps, skips closed units; ``remove()`` restores the model."""
 
-    def __init__(self, model: nn.Module, plan: Plan, hooks: ReuseHooks, graph: ConsumerGraph) -> None:
+    def __init__(self, model: nn.Module, plan: Plan, hooks: ReuseHooks, graph: ConsumerGraph,
+                 forecast_order: int = 0) -> None:
         self.model = model
         self.plan = plan
+        self.forecast_order = forecast_order
+        self.peak_cache_bytes = 0  # the most the caches / forecast histories held after a call
         self._hooks = hooks
         grid = torch.tensor(plan.compute, dtype=torch.float64)  # (S, B)
         self._compute: list[tuple[bool, ...]] = [tuple(r) for r in (effective_grid(grid, graph) > 0.5).tolist()]
@@ -80,8 +83,11 @@ class ReusePlanHandle:
         self._caches: dict[int, Any] = {}
         self._pre = model.register_forward_pre_hook(self._before_call, with_kwargs=True)
         hooks.on_remove(self._pre.remove)
+        self._post = model.register_forward_hook(self._after_call)
+        hooks.on_remove(self._post.remove)
         self._last_out: Any = None
-        if _head_is_step_independent(model):
+        # a fully forecast step is not a copy of the last call: the head must run on the forecast
+        if _head_is_step_independent(model) and forecast_order == 0:
             self._patch_whole_step_skip()
 
     def _patch_whole_step_skip(self) -> None:
@@ -126,7 +132,11 @@ class ReusePlanHandle:
                 f"the plan was made for {len(self._compute)} sampling steps but the denoiser is being called "
                 f"for step {self.step + 1} of one trajectory"
             )
-        self._hooks.runtime.state = StepState(hard=True, compute=self._compute[self.step], caches=self._caches)
+        self._hooks.runtime.state = StepState(hard=True, compute=self._compute[self.step], caches=self._caches,
+                                              step=self.step, order=self.forecast_order)
+
+    def _after_call(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self.peak_cache_bytes = max(self.peak_cache_bytes, cache_nbytes(self._caches))
 
     def remove(self) -> None:
         """Original forwards back; the model is the plain diffusers model again."""
@@ -144,7 +154,9 @@ def install_plan(model: nn.Module, plan: Plan, num_steps: int | None = None) -> 
 
     The plan's :class:`~dipgo.postprocess.plan.ReusePayload` (``granularity``, ``mode``) rebuilds the
     gated units; the model class and block list must match the plan (``PlanError`` otherwise), and so
-    must ``num_steps`` when given.
+    must ``num_steps`` when given. Its ``forecast_order`` says what a closed unit returns (its last
+    computed output, or an extrapolation from its computed steps); ``handle.peak_cache_bytes`` is
+    the memory the caches took.
     """
     reuse = ReusePayload.from_meta(plan.meta or {})  # a reuse plan's payload, or a joint plan's reuse part
     adapter = get_reuse_adapter(model)
@@ -154,7 +166,7 @@ def install_plan(model: nn.Module, plan: Plan, num_steps: int | None = None) -> 
     if reuse.modes is not None and reuse.modes != [u.mode for u in units]:
         raise PlanError("plan reuse modes do not match the model's units: rebuild the plan with this dipgo")
     hooks = ReuseHooks(model, units)
-    return ReusePlanHandle(model, plan, hooks, adapter.graph(model, units, granularity))
+    return ReusePlanHandle(model, plan, hooks, adapter.graph(model, units, granularity), reuse.forecast_order)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dipgo.errors import ConfigError
 from dipgo.errors import one_of as _one_of
+from dipgo.postprocess.plan import FORECAST_ORDERS
 from dipgo.search.config import Config, register_configs
 
 CONFIG_MODULE = "dipgo.configs"
@@ -28,6 +29,7 @@ BASELINES: tuple[str, ...] = (
     "fewer_steps", "deepcache", "uniform", "static_per_block", "random",
     "first_block_cache", "pyramid_attention_broadcast", "faster_cache",
     "weight_norm", "drop_last",
+    "taylorseer1", "taylorseer2",
     "magnitude", "wanda", "owl", "sparsegpt",
 )
 GROUPS: tuple[str, ...] = ("model", "supernet", "search", "data", "trainer", "logger", "report", "recipe")
@@ -79,6 +81,7 @@ def validate_config(cfg: DictConfig) -> None:
     _one_of("supernet.granularity", cfg.supernet.granularity, ("block", "layer"))
     _one_of("supernet.mode", cfg.supernet.mode, ("auto", "output", "residual"))
     _one_of("supernet.scheduler", cfg.supernet.scheduler, ("ddim", "dpmsolver++", "euler"))
+    _one_of("supernet.forecast_order", cfg.supernet.forecast_order, FORECAST_ORDERS)
     _one_of("data.kind", cfg.data.kind, ("diffusion", "prompts", "images", "text"))
     _one_of("supernet.cost", cfg.supernet.cost, ("macs", "latency"))
     get_task(cfg.supernet.kind, cfg).validate(cfg)  # what only this kind needs

@@ -142,6 +142,7 @@ class SupernetConfig:
     guidance_scale: float = 1.0  # classifier-free guidance (1 = off)
     checkpointing: bool = False  # gradient checkpointing per sampling step (less memory, ~30% slower)
     truncate_steps: int | None = None  # truncated backprop through the unrolled trajectory
+    forecast_order: int = 0  # a closed reuse slot: 0 copies its last output, 1 / 2 extrapolates it (TaylorSeer-style)
     cost: str = "macs"  # block kind: what search.target measures, macs (counted) | latency (per-block table measured on this device)
     pattern: str = "unstructured"  # mask kind: unstructured | 2:4 | 4:8 | block16 | block32 | rowblock16 | rowblock32 (block patterns run on the block-sparse kernels; rowblock keeps the same count per block-row)
     saliency: str = "wanda"  # mask kind: magnitude (|W|) | wanda (|W| * input-column norm on calibration data)
@@ -255,7 +256,7 @@ class ReportConfig:
     latency_runs: int = 3  # timed runs per variant (median reported)
     latency_warmup: int = 1
     latency_batch: int = 16
-    baselines: list[str] = field(default_factory=lambda: ["fewer_steps", "deepcache", "uniform", "static_per_block", "random"])  # at the same MACs; DiTs also: first_block_cache, pyramid_attention_broadcast, faster_cache
+    baselines: list[str] = field(default_factory=lambda: ["fewer_steps", "deepcache", "uniform", "static_per_block", "random", "taylorseer1", "taylorseer2"])  # at the same MACs; DiTs also: first_block_cache, pyramid_attention_broadcast, faster_cache
     plots: bool = True
 
 

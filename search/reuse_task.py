@@ -70,6 +70,7 @@ def reuse_config(cfg: DictConfig, loaded: Any) -> Any:
         scheduler_config=scheduler_config,
         checkpointing=cfg.supernet.checkpointing,
         truncate_steps=cfg.supernet.truncate_steps,
+        forecast_order=cfg.supernet.forecast_order,
     )
 
 

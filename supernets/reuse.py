@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dipgo.measure.macs import block_macs
 from dipgo.models.io import null_class_for
+from dipgo.supernets import forecast
 from dipgo.supernets.adapters import ConsumerGraph, ReuseUnit, get_reuse_adapter
 from dipgo.supernets.gates import GateSlot, freeze
 from dipgo.supernets.sampling import SCHEDULER_NAMES, make_model_fn, make_scheduler, model_inputs, sample
@@ -58,6 +59,10 @@ class ReuseConfig:
             step's activations plus the caches.
         truncate_steps: detach the latent, the caches and the solver state every ``k`` steps
             (truncated backprop through time); ``None`` backpropagates through all steps.
+        forecast_order: what a closed unit returns: 0 = its output of the last computed step
+            (DiP-GO's copy), 1 / 2 = a linear / quadratic extrapolation in the step index from its
+            last computed steps (TaylorSeer-style, see :mod:`dipgo.supernets.forecast`). Soft
+            training mixes with the same forecast, so the pruner learns which slots forecast well.
     """
 
     num_steps: int = 50
@@ -70,8 +75,10 @@ class ReuseConfig:
     null_class: int | None = None
     checkpointing: bool = False
     truncate_steps: int | None = None
+    forecast_order: int = 0
 
     def __post_init__(self) -> None:
+        forecast.check_order(self.forecast_order)
         if self.num_steps < 2:
             raise ValueError(f"num_steps must be at least 2 (step 0 is never gated), got {self.num_steps}")
         if self.scheduler not in SCHEDULER_NAMES:
@@ -116,6 +123,15 @@ class _Residual:
 
 
 @dataclass
+class _Forecast:
+    """Cache of a unit that forecasts (order >= 1): the history of its output (output mode) or of
+    its residual ``unit(x) - x`` (residual mode), plus the rest of the last tuple output."""
+
+    history: forecast.History
+    rest: tuple[Any, ...] | None = None
+
+
+@dataclass
 class StepState:
     """What the wrapped units do during one denoiser call.
 
@@ -124,14 +140,18 @@ class StepState:
         compute: per unit, whether to run its forward at all (hard: the decision; soft: False only
             where the effective gate is exactly 0 and carries no gradient).
         gates: ``(B,)`` effective keep probabilities for the soft mix (``None`` when hard).
-        caches: unit index -> cached output (output mode) or :class:`_Residual`; read and
-            replaced in place during the call.
+        caches: unit index -> cached output (output mode) or :class:`_Residual` at order 0, a
+            :class:`_Forecast` at order >= 1; read and replaced in place during the call.
+        step: the sampling step of this call (where a forecast extrapolates to).
+        order: forecast order of closed units (0 = copy).
     """
 
     hard: bool
     compute: Sequence[bool]
     gates: torch.Tensor | None = None
     caches: dict[int, Any] = field(default_factory=dict)
+    step: int = 0
+    order: int = 0
 
 
 def _hidden_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -181,10 +201,17 @@ class ReuseRuntime:
             return forward(*args, **kwargs)
         unit, prev = self.units[idx], state.caches.get(idx)
         if prev is None or (state.hard and state.compute[idx]):
+            if state.order > 0:
+                return self._compute_forecast(state, idx, unit, prev, forward, args, kwargs)
             return self._compute(state, idx, unit, forward, args, kwargs)
         if not state.compute[idx]:
+            if state.order > 0:
+                return self._forecast(state, unit, prev, args, kwargs)
             return self._replay(unit, prev, args, kwargs)
-        return self._soft(state, idx, unit, prev, forward(*args, **kwargs), args, kwargs)
+        out = forward(*args, **kwargs)
+        if state.order > 0:
+            return self._soft_forecast(state, idx, unit, prev, out, args, kwargs)
+        return self._soft(state, idx, unit, prev, out, args, kwargs)
 
     @staticmethod
     def _compute(state: StepState, idx: int, unit: ReuseUnit, forward: Callable[..., Any],
@@ -220,6 +247,62 @@ class ReuseRuntime:
         mixed = g * hidden + (1 - g) * (x + prev.delta)
         state.caches[idx] = _Residual(mixed - x, rest)
         return _join(mixed, rest)
+
+    # -- forecasting (order >= 1): the cache is a history of computed steps, see forecast.py
+    @staticmethod
+    def _tracked(unit: ReuseUnit, out: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> tuple[Any, tuple[Any, ...] | None]:
+        """``(what the history extrapolates, rest)``: the output, or the residual and tuple tail."""
+        if unit.mode == "output":
+            return out, None
+        x = _hidden_input(args, kwargs)
+        hidden, rest = _split_output(unit, out, x)
+        return hidden - x, rest
+
+    def _compute_forecast(self, state: StepState, idx: int, unit: ReuseUnit, prev: _Forecast | None,
+                          forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Run the unit and add the step to its history; the output is returned untouched."""
+        out = forward(*args, **kwargs)
+        value, rest = self._tracked(unit, out, args, kwargs)
+        history = (forecast.start(value, state.step, state.order) if prev is None
+                   else forecast.update(prev.history, value, state.step))
+        state.caches[idx] = _Forecast(history, rest)
+        return out
+
+    @staticmethod
+    def _forecast(state: StepState, unit: ReuseUnit, prev: _Forecast,
+                  args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A closed unit: its extrapolated output (or today's input plus the extrapolated residual)."""
+        value = forecast.predict(prev.history, state.step)
+        if unit.mode == "output":
+            return value
+        return _join(_hidden_input(args, kwargs) + value, prev.rest)
+
+    def _soft_forecast(self, state: StepState, idx: int, unit: ReuseUnit, prev: _Forecast, out: Any,
+                       args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``g * f(x) + (1 - g) * forecast``; the history takes the computed value with weight ``g``."""
+        g = state.gates[idx]
+        predicted = forecast.predict(prev.history, state.step)
+        value, rest = self._tracked(unit, out, args, kwargs)
+        state.caches[idx] = _Forecast(forecast.update(prev.history, value, state.step, g), rest)
+        if unit.mode == "output":
+            return _mix(g, out, predicted)
+        hidden, x = out[0] if isinstance(out, tuple) else out, _hidden_input(args, kwargs)
+        return _join(g * hidden + (1 - g) * (x + predicted), rest)
+
+
+def cache_nbytes(caches: Mapping[int, Any]) -> int:
+    """Bytes of tensors held by a runtime's caches (copies, residuals or forecast histories)."""
+    total = 0
+    for entry in caches.values():
+        if isinstance(entry, _Forecast):
+            total += entry.history.nbytes()
+            entry = entry.rest
+        elif isinstance(entry, _Residual):
+            total += entry.delta.numel() * entry.delta.element_size()
+            entry = entry.rest
+        total += sum(x.numel() * x.element_size() for x in pytree.tree_leaves(entry) if isinstance(x, torch.Tensor))
+    return total
 
 
 class _ForwardPatch:
@@ -296,11 +379,16 @@ def _tree_detach(tree: Any) -> Any:
     return pytree.tree_map(lambda v: v.detach() if isinstance(v, torch.Tensor) else v, tree)
 
 
+def _detach_entry(entry: Any) -> Any:
+    if isinstance(entry, _Forecast):
+        return _Forecast(forecast.detach(entry.history), _tree_detach(entry.rest))
+    if isinstance(entry, _Residual):
+        return _Residual(entry.delta.detach(), _tree_detach(entry.rest))
+    return _tree_detach(entry)
+
+
 def _detach_caches(caches: dict[int, Any]) -> dict[int, Any]:
-    return {
-        k: _Residual(v.delta.detach(), _tree_detach(v.rest)) if isinstance(v, _Residual) else _tree_detach(v)
-        for k, v in caches.items()
-    }
+    return {k: _detach_entry(v) for k, v in caches.items()}
 
 
 @dataclass
@@ -310,6 +398,7 @@ class _Trajectory:
     rows: torch.Tensor | None  # (S, B) effective gates (soft) or None (hard)
     compute: list[list[bool]]  # (S, B) run the unit's forward?
     hard: bool
+    order: int = 0
     step: int = 0
     caches: dict[int, Any] = field(default_factory=dict)
 
@@ -438,21 +527,25 @@ class ReuseSuperNet:
         rows = self.effective(self.gate_grid(gates))  # (S, B)
         run_all = rows.requires_grad and torch.is_grad_enabled()
         compute = (rows > 0).tolist() if not run_all else [[True] * rows.shape[1]] * rows.shape[0]
-        final, eps = self._sample(batch, _Trajectory(rows=rows, compute=compute, hard=False))
+        run = _Trajectory(rows=rows, compute=compute, hard=False, order=self.config.forecast_order)
+        final, eps = self._sample(batch, run)
         return {"output": final, "eps": eps}
 
     def sample(self, batch: Mapping[str, Any], compute_grid: Any = None,
-               return_dict: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
+               return_dict: bool = False, forecast_order: int | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
         """Hard-gated trajectory: closed and cascade-skipped units are not executed at all.
 
         ``compute_grid``: ``(S, B)`` booleans (``True`` = compute), ``None`` = all computed.
-        Returns the final sample ``(B, C, H, W)``, or ``{"output", "eps"}`` with ``return_dict``.
+        ``forecast_order`` overrides the config's (baselines compare copy and forecast on one
+        SuperNet). Returns the final sample ``(B, C, H, W)``, or ``{"output", "eps"}`` with
+        ``return_dict``.
         """
+        order = self.config.forecast_order if forecast_order is None else forecast.check_order(forecast_order)
         shape = (self.num_steps, len(self.units))
         grid = torch.ones(shape) if compute_grid is None else torch.as_tensor(compute_grid).to(torch.float32)
         compute = (self.effective(grid) > 0.5).tolist()
         with torch.no_grad():
-            final, eps = self._sample(batch, _Trajectory(rows=None, compute=compute, hard=True))
+            final, eps = self._sample(batch, _Trajectory(rows=None, compute=compute, hard=True, order=order))
         return {"output": final, "eps": eps} if return_dict else final
 
     def _sample(self, batch: Mapping[str, Any], run: _Trajectory | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -476,7 +569,7 @@ class ReuseSuperNet:
     def _gated_fn(self, run: _Trajectory) -> Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]:
         def model_fn(x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
             gates = None if run.rows is None else run.rows[run.step]  # (B,)
-            args = (x, t, cond, run.caches, gates, tuple(run.compute[run.step]), run.hard)
+            args = (x, t, cond, run.caches, gates, tuple(run.compute[run.step]), run.hard, run.step, run.order)
             if self.config.checkpointing and torch.is_grad_enabled():
                 out, run.caches = checkpoint(self._step, *args, use_reentrant=False)
             else:
@@ -486,10 +579,11 @@ class ReuseSuperNet:
         return model_fn
 
     def _step(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], caches: dict[int, Any],
-              gates: torch.Tensor | None, compute: tuple[bool, ...], hard: bool) -> tuple[torch.Tensor, dict[int, Any]]:
+              gates: torch.Tensor | None, compute: tuple[bool, ...], hard: bool, step: int = 0,
+              order: int = 0) -> tuple[torch.Tensor, dict[int, Any]]:
         """One denoiser call as a pure function of its inputs (so checkpoint can replay it)."""
         runtime = self._hooks.runtime
-        state = StepState(hard=hard, compute=compute, gates=gates, caches=dict(caches))
+        state = StepState(hard=hard, compute=compute, gates=gates, caches=dict(caches), step=step, order=order)
         previous, runtime.state = runtime.state, state
         try:
             out = self._model_fn(x, t, cond)

@@ -200,7 +200,8 @@ def test_static_per_block_follows_change_scores() -> None:
 def test_plans_run_on_plain_model(kind: str) -> None:
     model, sn, batch = build(kind, guidance_scale=2.0)
     plans, _ = baseline_plans(sn, 0.5, list(PLAN_BASELINES), calib_batch=batch)
-    expected = {name: sn.sample(batch, torch.tensor(p.compute)) for name, p in plans.items()}
+    expected = {name: sn.sample(batch, torch.tensor(p.compute), forecast_order=p.payload.forecast_order)
+                for name, p in plans.items()}
     sn.remove()
     for name, plan in plans.items():
         with install_plan(model, plan, STEPS):
