@@ -48,7 +48,7 @@ def evaluate_joint(loaded: LoadedModel, joint: Any, plan: Plan, cfg: DictConfig,
     report = {"kind": "joint", "kinds": list(joint.kinds), "target": plan.target, "cost_ratio": plan.cost_ratio,
               "cost_split": plan.meta.get("cost_split"), "fidelity_metric": "psnr", "num_samples": n,
               "mask_density_macs": macs_density(mask_meta), "variants": [row],
-              "refine": {k: v for k, v in plan.meta.get("refine", {}).items() if k != "seed_scores"}}
+              "refine": {k: v for k, v in plan.meta.get("refine", {}).items() if k not in ("seed_scores", "pruner_compute")}}
     plots = {"joint_plan": _reuse_plot(plan, run_dir)}
     return report, plots
 
@@ -84,7 +84,7 @@ def evaluate_block_joint(loaded: LoadedModel, sn: Any, plan: Plan, cfg: DictConf
               "cost_split": plan.meta.get("cost_split"), "fidelity_metric": fidelity_key(kind),
               "eval_items": len(ref), "removed_blocks": plan.meta.get("removed_blocks", []),
               "mask_density_macs": macs_density(mask_meta), "variants": rows,
-              "refine": {k: v for k, v in plan.meta.get("refine", {}).items() if k != "seed_scores"}}
+              "refine": {k: v for k, v in plan.meta.get("refine", {}).items() if k not in ("seed_scores", "pruner_compute")}}
     plots = {"joint_plan": _block_plot(plan, run_dir)} if cfg.report.plots else {}
     return report, plots
 

@@ -193,7 +193,10 @@ def refine(plan: Plan, probs: torch.Tensor, supernet: Any, cfg: DictConfig,
         plans, _ = baseline_plans(supernet, target, static, calib_batch=batch, seed=cfg.seed)
         seeds.update({n: p.compute for n, p in plans.items()})  # refine_grid repairs any over budget
     slot_probs = torch.as_tensor(probs, dtype=torch.float64).reshape(supernet.grid_shape)  # (S-1, B)
+    pruner_compute, pruner_cost = plan.compute, plan.cost_ratio
     grid, info = refine_grid(supernet, seeds, slot_probs, target, score, config, seed=cfg.seed)
+    # the pruner's own plan, kept so the report can show what the refinement added
+    info["pruner_compute"], info["pruner_cost_ratio"] = pruner_compute, pruner_cost
     plan.compute = (supernet.effective(torch.tensor(grid, dtype=torch.float64)) > 0.5).tolist()
     plan.cost_ratio = supernet.plan_cost(plan.compute)
     plan.meta["refine"] = info
