@@ -37,6 +37,23 @@ def test_the_table_names_the_issue_samplers() -> None:
     assert {"ddim", "dpmsolver++", "unipc"} <= set(SCHEDULER_NAMES)
 
 
+def test_compose_accepts_exactly_the_sampling_table() -> None:
+    """compose spells the names out (importing the table imports diffusers): the two lists must agree,
+    every name composes, and composing still does not import diffusers."""
+    import subprocess
+    import sys
+
+    from dipgo.search.compose import SCHEDULERS, compose_config
+
+    assert SCHEDULERS == SCHEDULER_NAMES
+    for name in SCHEDULER_NAMES:
+        assert compose_config([f"supernet.scheduler={name}"])[0].supernet.scheduler == name
+    code = ("import sys; from dipgo.search.compose import compose_config; "
+            "compose_config(['supernet.scheduler=unipc']); print('diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
 def test_every_solver_gives_finite_samples(name: str) -> None:
     model, batch = tiny_reuse_unet(), unet_batch()
