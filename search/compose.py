@@ -32,6 +32,9 @@ BASELINES: tuple[str, ...] = (
     "taylorseer1", "taylorseer2",
     "magnitude", "wanda", "owl", "sparsegpt",
 )
+SCHEDULERS: tuple[str, ...] = ("ddim", "dpmsolver++", "euler", "unipc")
+"""``supernet.scheduler`` names: ``supernets.sampling.SCHEDULER_NAMES`` spelled out, because importing
+the sampling table imports diffusers and composing must stay light (a test keeps the two equal)."""
 GROUPS: tuple[str, ...] = ("model", "supernet", "search", "data", "trainer", "logger", "report", "recipe")
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 """A recipe name: one folder name under ``runs_root`` (no separator, not ``.`` / ``..``)."""
@@ -80,7 +83,7 @@ def validate_config(cfg: DictConfig) -> None:
     _one_of("supernet.kind", cfg.supernet.kind, available_tasks())  # the kind names live in the task registry
     _one_of("supernet.granularity", cfg.supernet.granularity, ("block", "layer"))
     _one_of("supernet.mode", cfg.supernet.mode, ("auto", "output", "residual"))
-    _one_of("supernet.scheduler", cfg.supernet.scheduler, ("ddim", "dpmsolver++", "euler"))
+    _one_of("supernet.scheduler", cfg.supernet.scheduler, SCHEDULERS)
     _one_of("supernet.forecast_order", cfg.supernet.forecast_order, FORECAST_ORDERS)
     _one_of("data.kind", cfg.data.kind, ("diffusion", "prompts", "images", "text"))
     _one_of("supernet.cost", cfg.supernet.cost, ("macs", "latency"))

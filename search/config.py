@@ -138,7 +138,7 @@ class SupernetConfig:
     granularity: str = "block"  # block | layer (finer: each resnet/attention or attn/MLP)
     mode: str = "auto"  # reuse mode: auto | output | residual
     num_steps: int = 50  # sampling steps the plan is searched for
-    scheduler: str = "ddim"  # ddim | dpmsolver++ | euler
+    scheduler: str = "ddim"  # solver of the searched trajectory and of the full-model reference: ddim (eta 0) | dpmsolver++ (2M) | unipc (UniPC-2 + corrector) | euler
     guidance_scale: float = 1.0  # classifier-free guidance (1 = off)
     checkpointing: bool = False  # gradient checkpointing per sampling step (less memory, ~30% slower)
     truncate_steps: int | None = None  # truncated backprop through the unrolled trajectory

@@ -17,16 +17,27 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 from torch import nn
 
 # (x (B', C, H, W), t (B',), conditioning kwargs) -> raw denoiser output (B', C_out, H, W)
 ModelFn = Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
 
+# Short name -> (class, settings forced over the model folder's config). The multistep solvers are
+# pinned to the variants the papers and diffusers pipelines recommend for guided sampling, so a
+# folder whose config names another order cannot silently change what "dpmsolver++" means:
+# DPM-Solver++(2M) and UniPC's second-order predictor with its corrector (UniC, bh2) on.
 _SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),
-    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "euler": (EulerDiscreteScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {"solver_order": 2, "solver_type": "bh2", "predict_x0": True,
+                                        "disable_corrector": []}),
 }
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_SCHEDULERS)
 
@@ -40,7 +51,8 @@ def make_scheduler(name: str, base_config: Mapping[str, Any] | None = None, num_
     ``base_config`` is the model folder's ``scheduler_config.json`` (any diffusers scheduler's
     config: the beta schedule and prediction type carry over between scheduler classes); without
     it the diffusers defaults with ``num_train_timesteps`` are used. DDIM runs with eta 0 (the loop
-    never passes eta), DPM-Solver++ is the multistep ``dpmsolver++`` variant.
+    never passes eta), ``dpmsolver++`` is DPM-Solver++(2M) (multistep, second order) and ``unipc``
+    is UniPC-2 with its corrector (bh2, data prediction), diffusers' defaults for guided sampling.
     """
     if name not in _SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}: expected one of {', '.join(SCHEDULER_NAMES)}")
@@ -138,10 +150,19 @@ def guided_eps(out: torch.Tensor, latent_channels: int, copies: int, guidance_sc
 
 
 def _detach_scheduler_state(scheduler: Any) -> None:
-    """Cut the graph through multistep solvers' remembered outputs (truncated backprop)."""
-    outputs = getattr(scheduler, "model_outputs", None)
-    if isinstance(outputs, list):
-        scheduler.model_outputs = [o.detach() if isinstance(o, torch.Tensor) else o for o in outputs]
+    """Cut the graph through every tensor a multistep solver remembers (truncated backprop).
+
+    DPM-Solver++ keeps its last model outputs; UniPC also keeps ``last_sample`` (the sample its
+    corrector revisits at the next step), so detaching only the latent and ``model_outputs`` would
+    let gradients leak back past the cut. Rather than list each solver's fields, every tensor
+    attribute (or list / tuple of tensors) that carries a graph is detached.
+    """
+    for name, value in list(vars(scheduler).items()):
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            setattr(scheduler, name, value.detach())
+        elif isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) and v.requires_grad for v in value):
+            detached = [v.detach() if isinstance(v, torch.Tensor) else v for v in value]
+            setattr(scheduler, name, type(value)(detached))
 
 
 def _step_kwargs(scheduler: Any) -> dict[str, Any]:

@@ -60,6 +60,7 @@ def test_override_is_typed() -> None:
         (["search.target=0"], "search.target must be in (0, 1]"),
         (["search.target=1.5"], "search.target must be in (0, 1]"),
         (["supernet.scheduler=foo"], "supernet.scheduler='foo' is not supported; accepted: ddim"),
+        (["supernet.scheduler=unipc3"], "supernet.scheduler='unipc3' is not supported; accepted: ddim, dpmsolver++, euler, unipc"),
         (["search.target"], "cannot parse override 'search.target'"),
     ],
 )
