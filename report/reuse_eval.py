@@ -35,15 +35,23 @@ from dipgo.search.data import map_tensors
 DIGITS_SOURCES = ("digits_unet", "digits_dit")
 
 
-def _sampler(model: torch.nn.Module, cfg: DictConfig, scheduler_config: dict | None) -> Callable[..., torch.Tensor]:
-    """``run(batch, num_steps) -> final sample`` with the search's scheduler and guidance."""
+# fewer steps of each solver a user could switch to, judged against the searched sampler's full run
+SOLVER_BASELINES: dict[str, str] = {
+    "fewer_steps_ddim": "ddim", "fewer_steps_dpmsolver++": "dpmsolver++", "fewer_steps_unipc": "unipc",
+}
+
+
+def _sampler(model: torch.nn.Module, cfg: DictConfig, scheduler_config: dict | None,
+             scheduler: str | None = None) -> Callable[..., torch.Tensor]:
+    """``run(batch, num_steps) -> final sample`` with the search's scheduler (or ``scheduler``) and guidance."""
     from dipgo.models.io import null_class_for
     from dipgo.supernets.sampling import make_model_fn, make_scheduler, sample
 
     model_fn, null_class = make_model_fn(model), null_class_for(model)
+    name = scheduler or cfg.supernet.scheduler
 
     def run(batch: dict[str, torch.Tensor], num_steps: int) -> torch.Tensor:
-        scheduler = make_scheduler(cfg.supernet.scheduler, scheduler_config)
+        scheduler = make_scheduler(name, scheduler_config)
         with torch.no_grad():
             final, _ = sample(model_fn, scheduler, batch, num_steps, cfg.supernet.guidance_scale, null_class=null_class)
         return final
@@ -84,6 +92,43 @@ def _cache_runner(run: Callable[..., torch.Tensor], model: torch.nn.Module, name
     return cached
 
 
+def _teacache_variant(model: torch.nn.Module, supernet: Any, plan: Plan, run: Callable[..., torch.Tensor],
+                      calib: dict[str, torch.Tensor], steps: int) -> Variant:
+    """TeaCache-style run-time skipping, its threshold bisected on calibration noise to the plan's MACs."""
+    from dipgo.postprocess.teacache import calibrate_threshold, install_teacache, mean_cost
+
+    payload = plan.payload if plan.kind == "reuse" else None
+    granularity, mode = (payload.granularity, payload.mode) if payload is not None else ("block", "auto")
+
+    def cost(threshold: float) -> float:
+        with install_teacache(model, steps, threshold, granularity, mode) as handle:
+            run(calib, steps)
+        return mean_cost(handle.grids, supernet.plan_cost)
+
+    threshold, _ = calibrate_threshold(cost, plan.cost_ratio)
+    info: dict[str, Any] = {"params": {"threshold": round(threshold, 6)}}
+
+    def cached(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with install_teacache(model, steps, threshold, granularity, mode) as handle:
+            out = run(batch, steps)
+        info.setdefault("eval_macs_ratio", mean_cost(handle.grids, supernet.plan_cost))
+        return out
+
+    variant = Variant("teacache", f"TeaCache-style thr={threshold:.3g}", cost(threshold), cached, info)
+    return variant
+
+
+def _pruner_plan(plan: Plan) -> Plan | None:
+    """The pruner's plan before the refinement (``meta.refine.pruner_compute``), or ``None``."""
+    refine = (plan.meta or {}).get("refine") or {}
+    compute = refine.get("pruner_compute")
+    if compute is None:
+        return None
+    return Plan(kind=plan.kind, model=plan.model, blocks=plan.blocks, compute=compute, target=plan.target,
+                cost_ratio=float(refine["pruner_cost_ratio"]), num_steps=plan.num_steps,
+                meta={k: v for k, v in plan.meta.items() if k != "refine"})
+
+
 def build_variants(
     loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run: Callable[..., torch.Tensor],
     calib: dict[str, torch.Tensor], probe: dict[str, torch.Tensor],
@@ -110,11 +155,31 @@ def build_variants(
         Variant("full", "full", 1.0, lambda b: run(b, steps)),
         Variant("dipgo", "dipgo", plan.cost_ratio, _plan_runner(run, model, plan, steps)),
     ]
+    pruner = _pruner_plan(plan)
+    if pruner is not None and pruner.compute != plan.compute:
+        variants.append(Variant("dipgo_pruner", "dipgo, pruner only", pruner.cost_ratio,
+                                _plan_runner(run, model, pruner, steps)))
+    sched_cfg = dict(loaded.scheduler.config) if getattr(loaded, "scheduler", None) is not None else None
+    k = max(1, min(steps, round(plan.cost_ratio * steps)))
     for name in names:
         if name == "fewer_steps":
-            k = max(1, min(steps, round(plan.cost_ratio * steps)))
             variants.append(Variant(name, f"{k}-step {cfg.supernet.scheduler}", k / steps,
                                     lambda b, k=k: run(b, k), {"num_steps": k}))
+        elif name in SOLVER_BASELINES:
+            solver = SOLVER_BASELINES[name]
+            if solver == cfg.supernet.scheduler:
+                skipped[name] = f"the search samples with {solver} already: this is fewer_steps"
+                continue
+            other = _sampler(model, cfg, sched_cfg, solver)
+            variants.append(Variant(name, f"{k}-step {solver}", k / steps,
+                                    lambda b, k=k, other=other: other(b, k), {"num_steps": k, "scheduler": solver}))
+        elif name == "teacache":
+            from dipgo.errors import PlanError
+
+            try:
+                variants.append(_teacache_variant(model, supernet, plan, run, calib, steps))
+            except PlanError as exc:
+                skipped[name] = str(exc)
         elif name in plans:
             p = plans[name]
             variants.append(Variant(name, p.meta.get("label", name), p.cost_ratio,
@@ -280,12 +345,65 @@ def evaluate_reuse(
         "num_eval_samples": cfg.report.num_samples,
         "subnet_vs_supernet_max_abs_diff": consistency,
         "closed_slots": plan.num_closed,
+        "forecast_order": plan.payload.forecast_order,
+        "peak_cache_bytes": _peak_cache_bytes(model, plan, run, map_tensors(lambda t: t[:1], batch), steps=int(plan.num_steps)),
     }
+    report["verdict"] = verdict(report)
     if eval_prompts is not None:
         report["eval_prompts"] = sorted(set(eval_prompts))  # held out from the calibration pool
     labels_by_name = {v.name: v.label for v in variants}
     plots = _plots(_viewable(compared, space), labels_by_name, plan, supernet, run_dir) if cfg.report.plots else {}
     return report, plots
+
+
+def _peak_cache_bytes(model: torch.nn.Module, plan: Plan, run: Callable[..., torch.Tensor],
+                      one: dict[str, Any], steps: int) -> int:
+    """Memory the plan's caches (copies or forecast histories) take for one sample (both CFG halves)."""
+    from dipgo.postprocess.reuse_subnet import install_plan
+
+    with install_plan(model, plan) as handle:
+        run(one, steps)
+    return int(handle.peak_cache_bytes)
+
+
+# a plan wins only if its FD stays within this factor of the full model's and of the baselines'
+FD_SLACK = 1.1
+
+
+def verdict(report: dict[str, Any], mac_slack: float = 1.05) -> dict[str, Any]:
+    """Does dipgo beat every baseline at (no more than ``mac_slack`` x) its MACs, on PSNR *and* FD?
+
+    dipgo wins when its PSNR is at least the best baseline's and, where the FD proxy exists, its FD
+    is at most ``FD_SLACK`` x the full model's and x the best baseline FD: a plan that buys PSNR with
+    worse samples is not a win. The dipgo variants themselves (``dipgo_pruner``) are not baselines.
+    """
+    rows = {v["name"]: v for v in report["variants"]}
+    mine = rows["dipgo"]
+    rivals = [v for n, v in rows.items() if n not in ("full", "dipgo", "dipgo_pruner")
+              and v["macs_ratio"] <= mine["macs_ratio"] * mac_slack and v.get("psnr") is not None]
+    if not rivals:
+        return {"dipgo_wins": None, "sentence": "no baseline at the plan's MACs to compare with"}
+    best_psnr = max(rivals, key=lambda v: v["psnr"])
+    out: dict[str, Any] = {"psnr": {"best_baseline": best_psnr["label"], "baseline": best_psnr["psnr"], "dipgo": mine["psnr"]}}
+    losses = [] if mine["psnr"] >= best_psnr["psnr"] else [
+        f"PSNR to {best_psnr['label']} ({mine['psnr']:.1f} vs {best_psnr['psnr']:.1f} dB)"]
+    fds = [v for v in rivals if isinstance(v.get("fd"), float)]
+    if isinstance(mine.get("fd"), float) and fds:
+        best_fd = min(fds, key=lambda v: v["fd"])
+        full_fd = report.get("full", {}).get("fd")
+        out["fd"] = {"best_baseline": best_fd["label"], "baseline": best_fd["fd"], "dipgo": mine["fd"], "full": full_fd}
+        if mine["fd"] > FD_SLACK * best_fd["fd"]:
+            losses.append(f"FD to {best_fd['label']} ({mine['fd']:.2f} vs {best_fd['fd']:.2f})")
+        if isinstance(full_fd, float) and mine["fd"] > FD_SLACK * full_fd:
+            losses.append(f"FD more than 10 % above the full model's ({mine['fd']:.2f} vs {full_fd:.2f})")
+    out["dipgo_wins"] = not losses
+    if losses:
+        out["sentence"] = "dipgo loses on " + "; ".join(losses)
+    else:
+        fd_part = f" and FD ({mine['fd']:.2f} vs {out['fd']['baseline']:.2f}, {out['fd']['best_baseline']})" if "fd" in out else ""
+        out["sentence"] = (f"dipgo best on PSNR ({mine['psnr']:.1f} vs {best_psnr['psnr']:.1f} dB, "
+                           f"{best_psnr['label']}){fd_part}")
+    return out
 
 
 def _batch(items: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -341,6 +459,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     full = report.get("full", {})
     if full.get("fd") is not None:
         lines.append(f"full model: FD {full['fd']:.2f}, accuracy {full['accuracy']:.0%} (FD = Fréchet distance in digits-classifier features to real held-out digits)")
+    if report.get("forecast_order"):
+        lines.append(f"closed slots forecast (order {report['forecast_order']}); caches "
+                     f"{report.get('peak_cache_bytes', 0) / 1e6:.2f} MB per sample")
+    if report.get("verdict"):
+        lines.append(f"verdict: {report['verdict']['sentence']}")
     lines.append(f"plots: {', '.join(report.get('plots', {}).values())}")
     return lines
 

@@ -29,7 +29,8 @@ BASELINES: tuple[str, ...] = (
     "fewer_steps", "deepcache", "uniform", "static_per_block", "random",
     "first_block_cache", "pyramid_attention_broadcast", "faster_cache",
     "weight_norm", "drop_last",
-    "taylorseer1", "taylorseer2",
+    "taylorseer1", "taylorseer2", "teacache",
+    "fewer_steps_ddim", "fewer_steps_dpmsolver++", "fewer_steps_unipc",
     "magnitude", "wanda", "owl", "sparsegpt",
 )
 SCHEDULERS: tuple[str, ...] = ("ddim", "dpmsolver++", "euler", "unipc")

@@ -256,7 +256,7 @@ class ReportConfig:
     latency_runs: int = 3  # timed runs per variant (median reported)
     latency_warmup: int = 1
     latency_batch: int = 16
-    baselines: list[str] = field(default_factory=lambda: ["fewer_steps", "deepcache", "uniform", "static_per_block", "random", "taylorseer1", "taylorseer2"])  # at the same MACs; DiTs also: first_block_cache, pyramid_attention_broadcast, faster_cache
+    baselines: list[str] = field(default_factory=lambda: ["fewer_steps", "fewer_steps_ddim", "fewer_steps_dpmsolver++", "fewer_steps_unipc", "deepcache", "uniform", "static_per_block", "random", "taylorseer1", "taylorseer2", "teacache"])  # at the same MACs; DiTs also: first_block_cache, pyramid_attention_broadcast, faster_cache
     plots: bool = True
 
 

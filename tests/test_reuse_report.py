@@ -1,0 +1,48 @@
+"""The reuse report: better-solver and forecasting baselines, the pruner's own plan, the verdict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dipgo.report.reuse_eval import verdict
+from dipgo.search.compose import compose_config
+from dipgo.search.run import run_search
+from tests.conftest import tiny_search_overrides
+
+ALL = "[fewer_steps,fewer_steps_ddim,fewer_steps_dpmsolver++,fewer_steps_unipc,uniform,taylorseer1,taylorseer2,teacache]"
+
+
+def test_report_has_every_baseline_a_user_would_pick(tiny_unet_dir: Path, tmp_path: Path) -> None:
+    overrides = tiny_search_overrides(tiny_unet_dir, tmp_path / "runs", **{
+        "report.baselines": ALL, "supernet.num_steps": 8, "supernet.forecast_order": 1, "report.plots": False})
+    result = run_search(compose_config(overrides)[0], quiet=True)
+    report = result.report
+    rows = {v["name"]: v for v in report["variants"]}
+    assert "fewer_steps_ddim" in report["skipped_baselines"]  # the searched sampler: that is fewer_steps
+    assert {"fewer_steps_dpmsolver++", "fewer_steps_unipc", "taylorseer1", "taylorseer2", "teacache"} <= set(rows)
+    assert rows["fewer_steps_unipc"]["scheduler"] == "unipc"
+    assert rows["teacache"]["macs_ratio"] <= report["macs"]["plan_ratio"] + 1e-9  # threshold met the budget
+    assert report["forecast_order"] == 1 and report["peak_cache_bytes"] > 0
+    assert report["subnet_vs_supernet_max_abs_diff"] == 0.0
+    assert report["verdict"]["sentence"].startswith("dipgo")
+    assert any(line.startswith("verdict: dipgo") for line in result.summary)
+
+
+def _report(dipgo: dict, *others: dict, full_fd: float | None = 1.0) -> dict:
+    rows = [{"name": "full", "label": "full", "macs_ratio": 1.0}, {"name": "dipgo", "label": "dipgo", **dipgo}]
+    rows += [{"label": o["name"], **o} for o in others]
+    return {"variants": rows, "full": {"fd": full_fd}}
+
+
+def test_verdict_needs_psnr_and_fd() -> None:
+    base = {"name": "fewer_steps_unipc", "macs_ratio": 0.25, "psnr": 34.0, "fd": 1.05}
+    win = verdict(_report({"macs_ratio": 0.25, "psnr": 36.0, "fd": 1.04}, base))
+    assert win["dipgo_wins"] is True and "best on PSNR" in win["sentence"]
+    psnr_loss = verdict(_report({"macs_ratio": 0.25, "psnr": 33.0, "fd": 1.0}, base))
+    assert psnr_loss["dipgo_wins"] is False and "PSNR to fewer_steps_unipc" in psnr_loss["sentence"]
+    fd_loss = verdict(_report({"macs_ratio": 0.25, "psnr": 36.0, "fd": 1.3}, base))
+    assert fd_loss["dipgo_wins"] is False and "FD" in fd_loss["sentence"] and "PSNR" not in fd_loss["sentence"]
+    no_fd = verdict(_report({"macs_ratio": 0.25, "psnr": 36.0}, {**base, "fd": None}, full_fd=None))
+    assert no_fd["dipgo_wins"] is True and "fd" not in no_fd
+    dearer = verdict(_report({"macs_ratio": 0.25, "psnr": 30.0, "fd": 1.0}, {**base, "macs_ratio": 0.5}))
+    assert dearer["dipgo_wins"] is None  # a baseline at twice the MACs is not a rival
