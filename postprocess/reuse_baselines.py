@@ -144,8 +144,9 @@ def _grid_costs(supernet: ReuseSuperNet, grids: torch.Tensor) -> torch.Tensor:
     """
     c, s, b = grids.shape
     eff = supernet.effective(grids.reshape(c * s, b).to(torch.float64)).reshape(c, s, b)
+    eff = (eff > 0.5).to(torch.float64)
     macs = torch.tensor(supernet.unit_macs, dtype=torch.float64)  # (B,)
-    total = s * supernet.always_paid_macs + (eff * macs).sum(dim=(1, 2))
+    total = supernet.paid_steps(eff) * supernet.always_paid_macs + (eff * macs).sum(dim=(1, 2))
     return total / supernet.full_cost()
 
 

@@ -28,7 +28,8 @@ from dipgo.models.io import null_class_for
 from dipgo.postprocess.plan import Plan, ReusePayload
 from dipgo.postprocess.reuse_plan import check_plan_fits
 from dipgo.supernets.adapters import ConsumerGraph, get_reuse_adapter
-from dipgo.supernets.reuse import ReuseHooks, StepState, cache_nbytes, effective_grid
+from dipgo.supernets import forecast
+from dipgo.supernets.reuse import ReuseHooks, StepState, cache_nbytes, effective_grid, skips_whole_steps
 from dipgo.supernets.sampling import make_model_fn, make_scheduler, sample
 
 SUBNET_FORMAT = "dipgo.reuse_subnet"
@@ -52,19 +53,6 @@ def _timestep_value(args: tuple[Any, ...], kwargs: dict[str, Any], index: int | 
     return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
 
 
-def _head_is_step_independent(model: nn.Module) -> bool:
-    """True for denoisers whose layers outside the gated units ignore the timestep after the blocks.
-
-    UNet2DModel (unless its Fourier time embedding rescales the output by the timestep) and
-    UNet2DConditionModel end in norm -> activation -> conv_out. DiT-style heads are modulated by
-    the timestep embedding, so a fully reused step must still run them.
-    """
-    name = type(model).__name__
-    if name == "UNet2DModel":
-        return getattr(model.config, "time_embedding_type", "positional") != "fourier"
-    return name == "UNet2DConditionModel"
-
-
 class ReusePlanHandle:
     """An installed plan: counts steps, skips closed units; ``remove()`` restores the model."""
 
@@ -85,28 +73,30 @@ class ReusePlanHandle:
         hooks.on_remove(self._pre.remove)
         self._post = model.register_forward_hook(self._after_call)
         hooks.on_remove(self._post.remove)
-        self._last_out: Any = None
-        # a fully forecast step is not a copy of the last call: the head must run on the forecast
-        if _head_is_step_independent(model) and forecast_order == 0:
+        self._outputs: forecast.History | None = None  # the model output's history
+        if skips_whole_steps(model, [u.mode for u in hooks.runtime.units]):
             self._patch_whole_step_skip()
 
     def _patch_whole_step_skip(self) -> None:
-        """Skip the whole denoiser call at steps where every unit is reused.
+        """Skip the whole denoiser call at steps where every unit is closed.
 
-        Every unit then returns exactly what it returned at the previous step, and the head of a
-        UNet (norm, activation, conv_out) does not read the timestep, so the output is bit-identical
-        to the previous call's: returning it also saves the stem, the time embedding, the head and
-        the per-unit dispatch. Only installed for heads known to be step-independent.
+        Such a step's output is a function of the units' caches only (see
+        :func:`~dipgo.supernets.reuse.skips_whole_steps`), so the call returns the model output
+        forecast from the computed steps at the plan's order (order 0: the previous call's output,
+        bit-identical to replaying every unit), saving the stem, the time embedding, the head and
+        the per-unit dispatch. The SuperNet's ``sample`` does exactly the same.
         """
         model, had_own = self.model, "forward" in self.model.__dict__
         inner = model.forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             row = self._compute[self.step] if self.step >= 0 else None
-            if self.step > 0 and row is not None and not any(row) and self._last_out is not None:
-                return self._last_out
-            self._last_out = inner(*args, **kwargs)
-            return self._last_out
+            if self.step > 0 and row is not None and not any(row) and self._outputs is not None:
+                return forecast.predict(self._outputs, self.step)
+            out = inner(*args, **kwargs)
+            self._outputs = (forecast.start(out, self.step, self.forecast_order) if self._outputs is None
+                             else forecast.update(self._outputs, out, self.step))
+            return out
 
         def restore() -> None:
             if had_own:
@@ -119,7 +109,7 @@ class ReusePlanHandle:
 
     def reset(self) -> None:
         """Start a new trajectory at the next call (drop the caches)."""
-        self.step, self._last_t, self._caches, self._last_out = -1, None, {}, None
+        self.step, self._last_t, self._caches, self._outputs = -1, None, {}, None
         self._hooks.runtime.state = None
 
     def _before_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -17,7 +17,10 @@ unchanged::
 
     unit_b(d)  = unit_macs_b - sum_{l in b} (1 - d_l) * macs_l
     outside(d) = always_paid - sum_{l outside} (1 - d_l) * macs_l
-    cost       = (S * outside(d) + sum_{s,b} eff[s, b] * unit_b(d)) / (S * dense_call_macs)
+    cost       = (P * outside(d) + sum_{s,b} eff[s, b] * unit_b(d)) / (S * dense_call_macs)
+
+with ``P`` the steps that call the model (all ``S``, or fewer for a UNet, whose fully closed
+steps are skipped whole: ``ReuseSuperNet.paid_steps``)
 
 ``kinds`` may name one kind only (``("reuse",)`` or ``("mask",)``): the same machinery then
 searches that kind alone, which is how the benchmark compares the joint search with each kind at
@@ -142,7 +145,7 @@ class JointSuperNet:
         unit, call = self.macs_with(dens)
         eff = self.reuse.effective(self.reuse.gate_grid(g_reuse))  # (S, B)
         outside = call - unit.sum()
-        return (self.reuse.num_steps * outside + (eff * unit).sum()) / self.full_cost()
+        return (self.reuse.paid_steps(eff) * outside + (eff * unit).sum()) / self.full_cost()
 
     def view(self, densities: Sequence[float]) -> ReuseSuperNet:
         """The reuse SuperNet costed at fixed densities: plan extraction and refinement run on it."""

@@ -90,6 +90,23 @@ class ReuseConfig:
 # ----------------------------------------------------------------------------- cascade
 
 
+def skips_whole_steps(model: nn.Module, modes: Sequence[str]) -> bool:
+    """True when a step whose units are all closed needs no denoiser call at all.
+
+    UNet2DModel (unless its Fourier time embedding rescales the output by the timestep) and
+    UNet2DConditionModel end in norm -> activation -> conv_out, which ignore the timestep; with
+    every unit in output mode (its cache does not read today's input) the step's output is a
+    function of the caches only. DiT-style heads are modulated by the timestep embedding and
+    residual units add today's input, so those steps must still run the call.
+    """
+    name = type(model).__name__
+    if name == "UNet2DModel":
+        step_free_head = getattr(model.config, "time_embedding_type", "positional") != "fourier"
+    else:
+        step_free_head = name == "UNet2DConditionModel"
+    return step_free_head and all(m == "output" for m in modes)
+
+
 def effective_grid(grid: torch.Tensor, graph: ConsumerGraph) -> torch.Tensor:
     """Keep probabilities after the dependency cascade, ``(S, B) -> (S, B)``.
 
@@ -401,6 +418,7 @@ class _Trajectory:
     order: int = 0
     step: int = 0
     caches: dict[int, Any] = field(default_factory=dict)
+    outputs: forecast.History | None = None  # the model output's history, for whole-step skips
 
 
 class ReuseSuperNet:
@@ -427,6 +445,7 @@ class ReuseSuperNet:
         self._hooks = ReuseHooks(model, self.units)
         self._hooks.on_remove(restore)
         self._model_fn = make_model_fn(model)
+        self._skips_whole_steps = skips_whole_steps(model, [u.mode for u in self.units])
         self.slots = self._make_slots()
 
     # -- shape of the search space
@@ -449,6 +468,19 @@ class ReuseSuperNet:
     @property
     def model_class(self) -> str:
         return type(self.model).__name__
+
+    @property
+    def skips_whole_steps(self) -> bool:
+        """True when a step with every unit closed does not call the model at all.
+
+        For a UNet (step-independent head, output-mode units) such a step's output depends on
+        the units' caches only, so the stem, time embedding and head are dead work: the step
+        returns the model output forecast from the computed steps instead (copied at order 0,
+        which is bit-identical to replaying every unit). It then costs no MACs, which is what
+        makes "every N-th step full" cost exactly 1/N. DiT heads read the timestep and residual
+        units read today's input, so DiTs still run the call (see :func:`skips_whole_steps`).
+        """
+        return self._skips_whole_steps
 
     def _make_slots(self) -> list[GateSlot]:
         width = max(2, len(str(self.num_steps - 1)))
@@ -492,11 +524,23 @@ class ReuseSuperNet:
         view._call_macs = float(call_macs)
         return view
 
+    def paid_steps(self, eff: torch.Tensor) -> torch.Tensor:
+        """How many steps pay the MACs outside the units, for ``(..., S, B)`` effective grids.
+
+        Every step, unless the model :attr:`skips_whole_steps`: then a step pays with the
+        probability that any of its units computes, ``1 - prod_b (1 - eff[s, b])`` (exact, 0 or
+        1, for hard grids, and differentiable for soft ones). Returns shape ``(...)``.
+        """
+        if not self.skips_whole_steps:
+            return torch.full(eff.shape[:-2], float(eff.shape[-2]), dtype=eff.dtype, device=eff.device)
+        active = 1 - torch.prod(1 - eff[..., 1:, :], dim=-1)  # (..., S-1)
+        return 1 + active.sum(dim=-1)
+
     def expected_cost(self, gates: torch.Tensor) -> torch.Tensor:
         """Differentiable kept-cost ratio in [0, 1] of ``(N,)`` keep probabilities, cascade included."""
         eff = self.effective(self.gate_grid(gates))  # (S, B)
         weights = (self._unit_macs / self.full_cost()).to(eff)  # (B,)
-        base = self.num_steps * self.always_paid_macs / self.full_cost()
+        base = self.paid_steps(eff) * self.always_paid_macs / self.full_cost()
         return base + (eff * weights).sum()
 
     def plan_cost(self, compute_grid: Any) -> float:
@@ -506,13 +550,15 @@ class ReuseSuperNet:
             raise ValueError(f"compute grid must have shape {(self.num_steps, len(self.units))}, got {tuple(grid.shape)}")
         if not bool(grid[0].all()):
             raise ValueError("step 0 must compute every unit (there is nothing to reuse yet)")
-        eff = self.effective(grid)
-        total = self.num_steps * self.always_paid_macs + float((eff * self._unit_macs).sum())
+        eff = (self.effective(grid) > 0.5).to(torch.float64)
+        total = float(self.paid_steps(eff)) * self.always_paid_macs + float((eff * self._unit_macs).sum())
         return total / self.full_cost()
 
     def step_macs(self, row: Sequence[bool]) -> float:
         """MACs of one step (not step 0) with a hard row of decisions, cascade included."""
-        eff = self.effective(torch.as_tensor([list(row)], dtype=torch.float64))[0]
+        eff = (self.effective(torch.as_tensor([list(row)], dtype=torch.float64))[0] > 0.5).to(torch.float64)
+        if self.skips_whole_steps and not bool(eff.any()):
+            return 0.0
         return self.always_paid_macs + float((eff * self._unit_macs).sum())
 
     # -- trajectories
@@ -563,20 +609,44 @@ class ReuseSuperNet:
             run.step = i
             if k and i > 0 and i % k == 0:
                 run.caches = _detach_caches(run.caches)
+                run.outputs = None if run.outputs is None else forecast.detach(run.outputs)
 
         return on_step
 
     def _gated_fn(self, run: _Trajectory) -> Callable[[torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]:
+        whole = self.skips_whole_steps
+
         def model_fn(x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+            if whole and run.outputs is not None and not any(run.compute[run.step]):
+                return forecast.predict(run.outputs, run.step)  # nothing computes: no call at all
             gates = None if run.rows is None else run.rows[run.step]  # (B,)
             args = (x, t, cond, run.caches, gates, tuple(run.compute[run.step]), run.hard, run.step, run.order)
             if self.config.checkpointing and torch.is_grad_enabled():
                 out, run.caches = checkpoint(self._step, *args, use_reentrant=False)
             else:
                 out, run.caches = self._step(*args)
-            return out
+            return self._track_output(run, out) if whole else out
 
         return model_fn
+
+    @staticmethod
+    def _track_output(run: _Trajectory, out: torch.Tensor) -> torch.Tensor:
+        """Add a computed step to the output history; soft rows mix in the whole-step forecast.
+
+        A soft row is "called" with probability ``m = 1 - prod_b (1 - g_b)`` (the same as
+        :meth:`paid_steps` charges), so its output is ``m * out + (1 - m) * forecast``: exactly
+        the hard behaviour when the gates are 0 or 1.
+        """
+        if run.outputs is None:
+            run.outputs = forecast.start(out, run.step, run.order)
+            return out
+        if run.hard or run.rows is None:
+            run.outputs = forecast.update(run.outputs, out, run.step)
+            return out
+        m = 1 - torch.prod(1 - run.rows[run.step])
+        predicted = forecast.predict(run.outputs, run.step)
+        run.outputs = forecast.update(run.outputs, out, run.step, m.to(out.dtype))
+        return m.to(out.dtype) * out + (1 - m.to(out.dtype)) * predicted
 
     def _step(self, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], caches: dict[int, Any],
               gates: torch.Tensor | None, compute: tuple[bool, ...], hard: bool, step: int = 0,

@@ -28,7 +28,10 @@ def random_probs(sn, seed: int = 0) -> torch.Tensor:
 def test_plan_lands_just_below_target(target: float) -> None:
     _, sn = tiny_reuse_supernet(20, guidance_scale=2.0)
     plan = extract_reuse_plan(random_probs(sn), sn, target, meta={"seed": 0})
-    assert target - 0.01 <= plan.cost_ratio <= target
+    # the gap is smaller than what any one slot costs (a slot in a fully closed UNet step also
+    # brings back the step's stem and head, which such a step otherwise skips)
+    one_slot = (sn.always_paid_macs + max(sn.unit_macs)) / sn.full_cost()
+    assert target - one_slot <= plan.cost_ratio <= target
     assert plan.cost_ratio == pytest.approx(sn.plan_cost(plan.compute))
     assert all(plan.compute[0]) and len(plan.compute) == 20 and plan.num_steps == 20
     assert plan.meta["granularity"] == "block" and plan.meta["seed"] == 0
