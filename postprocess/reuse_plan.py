@@ -124,8 +124,14 @@ def _plan_meta(supernet: ReuseSuperNet, probs: torch.Tensor, meta: dict[str, Any
     }
 
 
-def check_plan_fits(plan: Plan, model_class: str, blocks: list[str], num_steps: int | None) -> None:
-    """Refuse (with :class:`PlanError`) a reuse plan made for another model, block list or step count."""
+def check_plan_fits(plan: Plan, model_class: str, blocks: list[str], num_steps: int | None,
+                    scheduler: str | None = None) -> None:
+    """Refuse (with :class:`PlanError`) a reuse plan made for another model, block list, step count
+    or sampler (``scheduler``, checked against the one the plan records; plans that record none pass).
+
+    A plan is a schedule over one sampler's trajectory: the steps where a DDIM trajectory can
+    coast are not those of a DPM-Solver++ one, so running it elsewhere is silently worse.
+    """
     if plan.kind != "reuse":
         raise PlanError(f"expected a reuse plan, got a {plan.kind!r} plan")
     if plan.model != model_class:
@@ -138,8 +144,14 @@ def check_plan_fits(plan: Plan, model_class: str, blocks: list[str], num_steps: 
         )
     if num_steps is not None and plan.num_steps != num_steps:
         raise PlanError(f"plan was made for {plan.num_steps} sampling steps but {num_steps} are used")
+    searched = (plan.meta or {}).get("scheduler")
+    if scheduler is not None and searched is not None and searched != scheduler:
+        raise PlanError(
+            f"plan was searched on the {searched} sampler but {scheduler} is used: sample with "
+            f"supernet.scheduler={searched} or search a plan for {scheduler}"
+        )
 
 
 def validate_plan(plan: Plan, supernet: ReuseSuperNet) -> None:
-    """Check that ``plan`` fits ``supernet`` (model class, blocks, step count); raises PlanError."""
-    check_plan_fits(plan, supernet.model_class, supernet.block_names, supernet.num_steps)
+    """Check that ``plan`` fits ``supernet`` (model class, blocks, step count, sampler); raises PlanError."""
+    check_plan_fits(plan, supernet.model_class, supernet.block_names, supernet.num_steps, supernet.config.scheduler)

@@ -139,12 +139,13 @@ class ReusePlanHandle:
         self.remove()
 
 
-def install_plan(model: nn.Module, plan: Plan, num_steps: int | None = None) -> ReusePlanHandle:
+def install_plan(model: nn.Module, plan: Plan, num_steps: int | None = None,
+                 scheduler: str | None = None) -> ReusePlanHandle:
     """Make ``model`` run ``plan`` on every call until ``handle.remove()``.
 
     The plan's :class:`~dipgo.postprocess.plan.ReusePayload` (``granularity``, ``mode``) rebuilds the
     gated units; the model class and block list must match the plan (``PlanError`` otherwise), and so
-    must ``num_steps`` when given. Its ``forecast_order`` says what a closed unit returns (its last
+    must ``num_steps`` and ``scheduler`` (the sampler's short name) when given. Its ``forecast_order`` says what a closed unit returns (its last
     computed output, or an extrapolation from its computed steps); ``handle.peak_cache_bytes`` is
     the memory the caches took.
     """
@@ -152,7 +153,7 @@ def install_plan(model: nn.Module, plan: Plan, num_steps: int | None = None) -> 
     adapter = get_reuse_adapter(model)
     granularity = reuse.granularity
     units = adapter.units(model, granularity, reuse.mode)
-    check_plan_fits(plan, type(model).__name__, [u.name for u in units], num_steps)
+    check_plan_fits(plan, type(model).__name__, [u.name for u in units], num_steps, scheduler)
     if reuse.modes is not None and reuse.modes != [u.mode for u in units]:
         raise PlanError("plan reuse modes do not match the model's units: rebuild the plan with this dipgo")
     hooks = ReuseHooks(model, units)
@@ -182,7 +183,7 @@ class ReuseSubNet:
     source: str | None = None
 
     def install(self) -> ReusePlanHandle:
-        return install_plan(self.model, self.plan, self.plan.num_steps)
+        return install_plan(self.model, self.plan, self.plan.num_steps, self.scheduler)
 
     def sample(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """Final samples ``(B, C, H, W)`` from ``batch["noise"]`` with the plan installed."""

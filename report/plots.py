@@ -135,6 +135,62 @@ def pareto_front(points: Sequence[dict]) -> list[bool]:
     return [on_front(x, y) for x, y in xy]
 
 
+def _cost_front(cost: Sequence[float], value: Sequence[float], higher_is_better: bool) -> list[bool]:
+    """``True`` for points no other point beats at lower-or-equal cost (NaN values are never optimal)."""
+    sign = 1.0 if higher_is_better else -1.0
+    pts = [(float(c), sign * float(v)) for c, v in zip(cost, value)]
+    ok = [(c, v) for c, v in pts if not (math.isnan(c) or math.isnan(v))]
+
+    def on_front(c: float, v: float) -> bool:
+        if math.isnan(c) or math.isnan(v):
+            return False
+        return not any(c2 <= c and v2 >= v and (c2 < c or v2 > v) for c2, v2 in ok)
+
+    return [on_front(c, v) for c, v in pts]
+
+
+def macs_pareto_plot(
+    points: list[dict],
+    path: str | Path,
+    full_fd: float | None = None,
+    title: str = "MACs vs fidelity",
+    fd_slack: float = 1.1,
+) -> Path:
+    """Two panels, MACs (% of the full model) vs PSNR and MACs vs FD, Pareto fronts dashed.
+
+    Each point is ``{"name", "group", "macs_ratio", "psnr", "fd"}`` (``fd`` may be missing).
+    PSNR is better higher, FD lower; ``full_fd`` draws the full model's FD and the
+    ``fd_slack`` band (a plan whose FD is above it is not a win, see the reuse verdict).
+    Users compare methods at a cost, so cost is on x here, unlike :func:`pareto_plot`'s speedup.
+    """
+    if not points:
+        raise ValueError("points is empty")
+    fig, axes = _figure(1, 2, figsize=(11, 4.5))
+    groups = list(dict.fromkeys(str(p["group"]) for p in points))
+    x_all = np.asarray([100.0 * float(p["macs_ratio"]) for p in points])
+    for ax, key, better_high, label in ((axes[0, 0], "psnr", True, "PSNR vs full model (dB), higher is better"),
+                                        (axes[0, 1], "fd", False, "FD proxy, lower is better")):
+        y_all = np.asarray([float(p[key]) if p.get(key) is not None else math.nan for p in points])
+        y_all[~np.isfinite(y_all)] = math.nan
+        for gi, group in enumerate(groups):
+            idx = [i for i, p in enumerate(points) if str(p["group"]) == group]
+            ax.scatter(x_all[idx], y_all[idx], marker=_MARKERS[gi % len(_MARKERS)], color=f"C{gi % 10}",
+                       label=group, zorder=3)
+        front = np.asarray(_cost_front(x_all, y_all, better_high))
+        if front.any():
+            order = np.argsort(x_all[front])
+            ax.plot(x_all[front][order], y_all[front][order], "k--", lw=1, zorder=2, label="Pareto front")
+        if key == "fd" and full_fd is not None and math.isfinite(full_fd):
+            ax.axhline(full_fd, color="grey", lw=1, label="full model")
+            ax.axhspan(full_fd, full_fd * fd_slack, color="grey", alpha=0.15, label=f"within {fd_slack - 1:.0%} of full")
+        ax.set_xlabel("MACs (% of the full model)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0, 1].legend(fontsize=7, loc="best")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def _finite_fidelity(values: list[float]) -> tuple[np.ndarray, float | None]:
     """Replace ``inf`` (e.g. PSNR of the full model vs itself) by a level just above the finite
     points, so it stays on the plot; returns that level (or None) to label it."""

@@ -353,6 +353,12 @@ def evaluate_reuse(
         report["eval_prompts"] = sorted(set(eval_prompts))  # held out from the calibration pool
     labels_by_name = {v.name: v.label for v in variants}
     plots = _plots(_viewable(compared, space), labels_by_name, plan, supernet, run_dir) if cfg.report.plots else {}
+    if cfg.report.plots:
+        from dipgo.report.plots import macs_pareto_plot
+
+        plots["pareto_macs"] = macs_pareto_plot(
+            [{**r, "group": r["label"]} for r in rows if r["name"] != "full"], run_dir / "plots" / "pareto_macs.png",
+            full_fd=report["full"]["fd"], title=f"{report['model']}, {report['scheduler']}-{report['num_steps']}: every variant")
     return report, plots
 
 

@@ -2,8 +2,10 @@
 
 For each target, one ``dipgo search`` (same recipe, same seed) runs end to end; its report
 holds the dipgo plan and every baseline at the same MACs, all sampled from the same evaluation
-noise and timed interleaved in the same process. This script collects them into one JSON and a
-Pareto plot (speedup vs PSNR), which docs/RESULTS.md quotes.
+noise and timed interleaved in the same process. This script collects them into one JSON and
+two plots, which docs/RESULTS.md quotes: ``<out>.png`` (wall-clock speedup vs PSNR) and
+``<out>_macs.png`` (MACs vs PSNR and MACs vs FD, every variant of every target, Pareto fronts).
+``--replot`` redraws both from an existing JSON without searching again.
 
     python scripts/bench_reuse.py --recipe digits_unet_reuse --targets 0.2 0.25 0.35 0.5 \
         --out bench_out/reuse_digits_unet.json
@@ -26,12 +28,40 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.25, 0.35, 0.5])
     p.add_argument("--out", default="bench_out/reuse_digits_unet.json")
     p.add_argument("--runs-root", default="bench_out/runs")
+    p.add_argument("--replot", action="store_true", help="only redraw the plots of an existing --out JSON")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every search")
     return p.parse_args()
 
 
+def macs_points(results: list[dict]) -> tuple[list[dict], float | None]:
+    """Every variant of every target as a point of the MACs plot, and the full model's FD."""
+    points, full_fd = [], None
+    for res in results:
+        report = res["report"]
+        full_fd = report.get("full", {}).get("fd", full_fd)
+        for v in report["variants"]:
+            if v["name"] != "full":
+                points.append({**v, "group": v["name"]})
+    return points, full_fd
+
+
+def draw_macs(results: list[dict], out: Path, recipe: str) -> Path:
+    from dipgo.report.plots import macs_pareto_plot
+
+    points, full_fd = macs_points(results)
+    return macs_pareto_plot(points, out.with_name(out.stem + "_macs.png"), full_fd=full_fd,
+                            title=f"{recipe}: MACs vs PSNR and FD, every variant at every target")
+
+
 def main() -> None:
     args = parse_args()
+    if args.replot:
+        out = Path(args.out)
+        payload = json.loads(out.read_text())
+        payload["macs_plot"] = str(draw_macs(payload["results"], out, args.recipe))
+        out.write_text(json.dumps(payload, indent=2))
+        print(f"redrawn: {payload['macs_plot']}")
+        return
     from dipgo.report.plots import pareto_plot
     from dipgo.report.summary import collect_points
     from dipgo.search.compose import compose_config
@@ -61,6 +91,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
         "results": results,
         "pareto_plot": str(plot),
+        "macs_plot": str(draw_macs(results, out, args.recipe)),
     }
     out.write_text(json.dumps(payload, indent=2))
     print(f"written: {out} and {plot}")

@@ -12,6 +12,7 @@ from dipgo.report.plots import (
     cost_bars,
     gate_heatmap,
     loss_curves,
+    macs_pareto_plot,
     pareto_front,
     pareto_plot,
     sample_grid,
@@ -105,3 +106,20 @@ def test_loss_curves_default_and_grouped(tmp_path: Path) -> None:
 def test_cost_bars(tmp_path: Path) -> None:
     macs = {"conv_in": 2e6, "down_blocks.0": 4.5e7, "mid_block": 3e7, "up_blocks.0": 9e7, "conv_out": 1e6}
     _assert_png(cost_bars(macs, tmp_path / "bars.png"))
+
+
+def test_macs_pareto_plot_fronts(tmp_path: Path) -> None:
+    from dipgo.report.plots import _cost_front
+
+    # cheaper-or-equal and better: PSNR higher is better, FD lower is better
+    assert _cost_front([0.2, 0.2, 0.3, 0.35], [40.0, 35.0, 38.0, 45.0], True) == [True, False, False, True]
+    assert _cost_front([0.2, 0.25, 0.3], [1.5, 1.2, 1.3], False) == [True, True, False]
+    assert _cost_front([0.2, 0.3], [float("nan"), 1.0], False) == [False, True]
+    points = [
+        {"name": "dipgo", "group": "dipgo", "macs_ratio": 0.2, "psnr": 42.0, "fd": 1.3},
+        {"name": "taylorseer1", "group": "TaylorSeer", "macs_ratio": 0.2, "psnr": 38.0, "fd": 1.36},
+        {"name": "fewer_steps", "group": "fewer steps", "macs_ratio": 0.24, "psnr": 34.0},  # no FD
+    ]
+    _assert_png(macs_pareto_plot(points, tmp_path / "macs.png", full_fd=1.32))
+    with pytest.raises(ValueError):
+        macs_pareto_plot([], tmp_path / "none.png")
