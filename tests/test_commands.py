@@ -68,3 +68,4 @@ def test_export_reloads_bit_identical(finished_run: RunResult, tmp_path: Path) -
     torch.testing.assert_close(first, expected, rtol=0, atol=1e-5)
     # export never overwrites
     assert main(["export", str(finished_run.run_dir), "--out", str(out)]) == 2
+
