@@ -60,7 +60,11 @@ def test_export_reloads_bit_identical(finished_run: RunResult, tmp_path: Path) -
     # the reloaded SubNet equals the SuperNet sampled with the same hard plan
     cfg = json.loads((finished_run.run_dir / "plan.json").read_text())
     model = subnet.model
-    supernet = apply_reuse(model, ReuseConfig(num_steps=cfg["num_steps"]), batch)
+    meta = cfg["meta"]
+    reuse_cfg = ReuseConfig(num_steps=cfg["num_steps"], granularity=meta["granularity"], mode=meta["mode"],
+                            forecast_order=meta.get("forecast_order", 0), scheduler=subnet.scheduler,
+                            scheduler_config=subnet.scheduler_config)
+    supernet = apply_reuse(model, reuse_cfg, batch)
     try:
         expected = supernet.sample(batch, torch.tensor(cfg["compute"]))
     finally:
