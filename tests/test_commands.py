@@ -73,3 +73,23 @@ def test_export_reloads_bit_identical(finished_run: RunResult, tmp_path: Path) -
     # export never overwrites
     assert main(["export", str(finished_run.run_dir), "--out", str(out)]) == 2
 
+
+
+def test_bench_refuses_plan_from_another_sampler(finished_run: RunResult, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    import yaml
+
+    run_dir = tmp_path / "edited"
+    shutil.copytree(finished_run.run_dir, run_dir)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["supernet"]["scheduler"] == "ddim"
+    config["supernet"]["scheduler"] = "unipc"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(run_dir), "--runs", "1", "--warmup", "0", "--batch", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "searched on the ddim sampler but unipc is used" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
