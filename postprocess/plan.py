@@ -107,14 +107,18 @@ class ReusePayload:
     per-unit ``modes`` the search used (output / residual), checked against the model, and what a
     closed unit returns: ``forecast_order`` 0 = its last computed output, 1 / 2 = a linear /
     quadratic extrapolation from its computed steps (written only when nonzero, so plans without
-    forecasting keep the bytes they always had)."""
+    forecasting keep the bytes they always had). ``whole_step_skip`` (written only when set) forces
+    whether a fully closed step skips the denoiser call (``ReuseConfig.whole_step_skip``)."""
 
     granularity: str = "block"
     mode: str = "auto"
     modes: list[str] | None = None
     forecast_order: int = 0
+    whole_step_skip: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.whole_step_skip is not None and type(self.whole_step_skip) is not bool:
+            raise PlanError(f"plan whole_step_skip must be true, false or absent, got {self.whole_step_skip!r}")
         if type(self.forecast_order) is not int or self.forecast_order not in FORECAST_ORDERS:
             raise PlanError(
                 f"plan forecast_order must be one of {', '.join(map(str, FORECAST_ORDERS))}, got {self.forecast_order!r}"
@@ -124,12 +128,15 @@ class ReusePayload:
     def from_meta(cls, meta: dict[str, Any]) -> ReusePayload:
         modes = meta.get("modes")
         return cls(str(meta.get("granularity", "block")), str(meta.get("mode", "auto")),
-                   None if modes is None else [str(m) for m in modes], meta.get("forecast_order", 0))
+                   None if modes is None else [str(m) for m in modes], meta.get("forecast_order", 0),
+                   meta.get("whole_step_skip"))
 
     def to_meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"granularity": self.granularity, "mode": self.mode, "modes": self.modes}
         if self.forecast_order:
             meta["forecast_order"] = self.forecast_order
+        if self.whole_step_skip is not None:
+            meta["whole_step_skip"] = self.whole_step_skip
         return meta
 
 

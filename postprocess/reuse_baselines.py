@@ -119,7 +119,8 @@ def _meta(supernet: ReuseSuperNet, name: str, label: str, params: Mapping[str, A
         "baseline": name,
         "label": label,
         "params": dict(params),
-        **ReusePayload(cfg.granularity, cfg.mode, supernet.modes, cfg.forecast_order if order is None else order).to_meta(),
+        **ReusePayload(cfg.granularity, cfg.mode, supernet.modes, cfg.forecast_order if order is None else order,
+                     cfg.whole_step_skip).to_meta(),
         "scheduler": cfg.scheduler,
         "guidance_scale": cfg.guidance_scale,
     }

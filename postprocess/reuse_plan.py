@@ -22,14 +22,21 @@ from dipgo.supernets.reuse import ReuseSuperNet
 
 
 def _as_grid(keep_probs: Any, supernet: ReuseSuperNet) -> torch.Tensor:
-    """``(N,)`` or ``(S-1, B)`` probabilities -> ``(S-1, B)`` float64 on CPU."""
+    """``(N,)`` slot or ``(S-1, B)`` unit probabilities -> ``(S-1, B)`` float64 on CPU.
+
+    With step gates a unit's probability is its own times its step's (what the SuperNet
+    samples), so a closed step ranks all its units as closed.
+    """
     probs = torch.as_tensor(keep_probs).detach().to("cpu", torch.float64)
+    if tuple(probs.shape) == supernet.grid_shape:
+        return probs
     if probs.numel() != len(supernet.slots):
+        steps = " plus one gate per step" if supernet.config.step_gates else ""
         raise PlanError(
             f"got {probs.numel()} keep probabilities but the SuperNet has {len(supernet.slots)} slots "
-            f"({supernet.grid_shape[0]} steps x {supernet.grid_shape[1]} blocks)"
+            f"({supernet.grid_shape[0]} steps x {supernet.grid_shape[1]} blocks{steps})"
         )
-    return probs.reshape(supernet.grid_shape)
+    return supernet.gate_grid(probs.reshape(-1))[1:]
 
 
 class _GridCost:
@@ -116,7 +123,7 @@ def _plan_meta(supernet: ReuseSuperNet, probs: torch.Tensor, meta: dict[str, Any
     """What ``install_plan`` needs to rebuild the units, the probabilities (for heatmaps), the caller's provenance."""
     cfg = supernet.config
     return {
-        **ReusePayload(cfg.granularity, cfg.mode, supernet.modes, cfg.forecast_order).to_meta(),
+        **ReusePayload(cfg.granularity, cfg.mode, supernet.modes, cfg.forecast_order, cfg.whole_step_skip).to_meta(),
         "scheduler": cfg.scheduler,
         "guidance_scale": cfg.guidance_scale,
         "keep_probs": [[round(p, 4) for p in row] for row in probs.tolist()],  # (S-1, B)

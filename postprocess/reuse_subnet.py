@@ -57,7 +57,7 @@ class ReusePlanHandle:
     """An installed plan: counts steps, skips closed units; ``remove()`` restores the model."""
 
     def __init__(self, model: nn.Module, plan: Plan, hooks: ReuseHooks, graph: ConsumerGraph,
-                 forecast_order: int = 0) -> None:
+                 forecast_order: int = 0, whole_step_skip: bool | None = None) -> None:
         self.model = model
         self.plan = plan
         self.forecast_order = forecast_order
@@ -74,7 +74,7 @@ class ReusePlanHandle:
         self._post = model.register_forward_hook(self._after_call)
         hooks.on_remove(self._post.remove)
         self._outputs: forecast.History | None = None  # the model output's history
-        if skips_whole_steps(model, [u.mode for u in hooks.runtime.units]):
+        if skips_whole_steps(model, [u.mode for u in hooks.runtime.units], whole_step_skip):
             self._patch_whole_step_skip()
 
     def _patch_whole_step_skip(self) -> None:
@@ -157,7 +157,8 @@ def install_plan(model: nn.Module, plan: Plan, num_steps: int | None = None,
     if reuse.modes is not None and reuse.modes != [u.mode for u in units]:
         raise PlanError("plan reuse modes do not match the model's units: rebuild the plan with this dipgo")
     hooks = ReuseHooks(model, units)
-    return ReusePlanHandle(model, plan, hooks, adapter.graph(model, units, granularity), reuse.forecast_order)
+    return ReusePlanHandle(model, plan, hooks, adapter.graph(model, units, granularity), reuse.forecast_order,
+                           reuse.whole_step_skip)
 
 
 @dataclass

@@ -143,6 +143,8 @@ class SupernetConfig:
     checkpointing: bool = False  # gradient checkpointing per sampling step (less memory, ~30% slower)
     truncate_steps: int | None = None  # truncated backprop through the unrolled trajectory
     forecast_order: int = 0  # a closed reuse slot: 0 copies its last output, 1 / 2 extrapolates it (TaylorSeer-style)
+    step_gates: bool = False  # reuse: one extra gate per step that closes all its units (a whole skipped step is one decision)
+    whole_step_skip: bool | None = None  # reuse: a fully closed step skips the call and forecasts the model output (null = where exact: UNets in output mode; true = DiTs too)
     cost: str = "macs"  # block kind: what search.target measures, macs (counted) | latency (per-block table measured on this device)
     pattern: str = "unstructured"  # mask kind: unstructured | 2:4 | 4:8 | block16 | block32 | rowblock16 | rowblock32 (block patterns run on the block-sparse kernels; rowblock keeps the same count per block-row)
     saliency: str = "wanda"  # mask kind: magnitude (|W|) | wanda (|W| * input-column norm on calibration data)

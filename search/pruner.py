@@ -35,7 +35,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dipgo.search.config import TAU_SCHEDULES, PrunerConfig
-from dipgo.supernets.gates import GATE_KINDS, GateSlot
+from dipgo.supernets.gates import GATE_KINDS, STEP_BLOCK, GateSlot
 
 # Index 0 of the last logit axis means "close / reuse", index 1 means "compute / keep".
 CLOSE, KEEP = 0, 1
@@ -50,7 +50,7 @@ def _check_grid(slots: Sequence[GateSlot], grid: tuple[int, int]) -> None:
     steps, blocks = grid
     # A joint search appends other kinds' slots after the reuse grid: the grid covers the
     # leading reuse slots, the rest get free queries.
-    leading = next((i for i, s in enumerate(slots) if s.kind != "reuse"), len(slots))
+    leading = _grid_slots(slots)
     if steps < 1 or blocks < 1 or steps * blocks != leading:
         raise ValueError(
             f"pruner grid (steps={steps}, blocks={blocks}) must multiply to the number of slots "
@@ -69,6 +69,19 @@ def _check_grid(slots: Sequence[GateSlot], grid: tuple[int, int]) -> None:
                     f"pruner grid expects the same block order in every step; slot {slot.name!r} "
                     f"has block {slot.block!r} where {slots[b].block!r} was expected"
                 )
+
+
+def _grid_slots(slots: Sequence[GateSlot]) -> int:
+    """How many leading slots are reuse unit gates (step gates and other kinds follow them)."""
+    return next((i for i, s in enumerate(slots) if s.kind != "reuse" or s.block == STEP_BLOCK), len(slots))
+
+
+def _step_rows(slots: Sequence[GateSlot], grid: tuple[int, int]) -> Tensor:
+    """For each slot after the grid: the grid row of its step if it is a step gate, else -1."""
+    blocks = grid[1]
+    rows = {slots[r * blocks].step: r for r in range(grid[0])}
+    extra = slots[grid[0] * blocks:]
+    return torch.tensor([rows.get(s.step, -1) if s.block == STEP_BLOCK else -1 for s in extra], dtype=torch.long)
 
 
 def _kind_index(slots: Sequence[GateSlot]) -> Tensor:
@@ -120,6 +133,9 @@ class PrunerNetwork(nn.Module):
         self.grid = grid
         d = config.d_model
         self._build_queries(len(slots), d, grid)
+        if grid is not None:
+            # step gates (a reuse SuperNet's per-step slots) share their step's embedding
+            self.register_buffer("extra_step_row", _step_rows(slots, grid), persistent=False)  # (N - S*B,)
         self.slot_kind_embedding = nn.Embedding(len(GATE_KINDS), d)
         nn.init.normal_(self.slot_kind_embedding.weight, std=0.02)
         self.register_buffer("kind_index", _kind_index(slots), persistent=False)  # (N,)
@@ -199,7 +215,9 @@ class PrunerNetwork(nn.Module):
             )  # (S, B, D)
             q = rearrange(grid_q, "s b d -> (s b) d")  # (S*B, D)
             if self.extra_queries is not None:
-                q = torch.cat([q, self.extra_queries], dim=0)  # (N, D)
+                rows = self.extra_step_row  # (E,), -1 = not a step gate
+                step_q = self.step_embedding[rows.clamp(min=0)] * (rows >= 0).unsqueeze(-1)  # (E, D)
+                q = torch.cat([q, self.extra_queries + step_q], dim=0)  # (N, D)
             q = q + self.slot_residual  # (N, D)
         return q + self.slot_kind_embedding(self.kind_index) + self.cost_embedding(self.cost_feature)
 

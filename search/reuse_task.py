@@ -71,6 +71,8 @@ def reuse_config(cfg: DictConfig, loaded: Any) -> Any:
         checkpointing=cfg.supernet.checkpointing,
         truncate_steps=cfg.supernet.truncate_steps,
         forecast_order=cfg.supernet.forecast_order,
+        step_gates=cfg.supernet.step_gates,
+        whole_step_skip=cfg.supernet.whole_step_skip,
     )
 
 
@@ -192,7 +194,7 @@ def refine(plan: Plan, probs: torch.Tensor, supernet: Any, cfg: DictConfig,
     if static:
         plans, _ = baseline_plans(supernet, target, static, calib_batch=batch, seed=cfg.seed)
         seeds.update({n: p.compute for n, p in plans.items()})  # refine_grid repairs any over budget
-    slot_probs = torch.as_tensor(probs, dtype=torch.float64).reshape(supernet.grid_shape)  # (S-1, B)
+    slot_probs = supernet.gate_grid(torch.as_tensor(probs, dtype=torch.float64).reshape(-1))[1:]  # (S-1, B)
     pruner_compute, pruner_cost = plan.compute, plan.cost_ratio
     grid, info = refine_grid(supernet, seeds, slot_probs, target, score, config, seed=cfg.seed)
     # the pruner's own plan, kept so the report can show what the refinement added

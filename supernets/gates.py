@@ -21,6 +21,8 @@ from torch import nn
 
 GateKind = Literal["reuse", "block", "mask"]
 GATE_KINDS: tuple[str, ...] = ("reuse", "block", "mask")
+# The block name of a reuse *step* gate: one slot per sampling step that gates all of its units.
+STEP_BLOCK = "*"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from dipgo.measure.macs import block_macs
 from dipgo.models.io import null_class_for
 from dipgo.supernets import forecast
 from dipgo.supernets.adapters import ConsumerGraph, ReuseUnit, get_reuse_adapter
-from dipgo.supernets.gates import GateSlot, freeze
+from dipgo.supernets.gates import STEP_BLOCK, GateSlot, freeze
 from dipgo.supernets.sampling import SCHEDULER_NAMES, make_model_fn, make_scheduler, model_inputs, sample
 
 
@@ -63,6 +63,15 @@ class ReuseConfig:
             (DiP-GO's copy), 1 / 2 = a linear / quadratic extrapolation in the step index from its
             last computed steps (TaylorSeer-style, see :mod:`dipgo.supernets.forecast`). Soft
             training mixes with the same forecast, so the pruner learns which slots forecast well.
+        step_gates: add one gate per step (after the ``(S-1) x B`` unit gates) that multiplies
+            every unit gate of its step. A whole skipped step is then one decision instead of
+            ``B`` independent ones that must all close at once, which is what lets the pruner find
+            the cheap "skip the call" steps of :attr:`ReuseSuperNet.skips_whole_steps` on its
+            own. Plans are still ``(S, B)`` compute grids.
+        whole_step_skip: ``None`` decides from the model (:func:`skips_whole_steps`); ``True``
+            also skips the call of a fully closed step on models whose head reads the timestep
+            (DiTs) and returns the forecast model output (an approximation, not a replay of the
+            units); ``False`` always runs the call.
     """
 
     num_steps: int = 50
@@ -76,6 +85,8 @@ class ReuseConfig:
     checkpointing: bool = False
     truncate_steps: int | None = None
     forecast_order: int = 0
+    step_gates: bool = False
+    whole_step_skip: bool | None = None
 
     def __post_init__(self) -> None:
         forecast.check_order(self.forecast_order)
@@ -90,8 +101,11 @@ class ReuseConfig:
 # ----------------------------------------------------------------------------- cascade
 
 
-def skips_whole_steps(model: nn.Module, modes: Sequence[str]) -> bool:
+def skips_whole_steps(model: nn.Module, modes: Sequence[str], override: bool | None = None) -> bool:
     """True when a step whose units are all closed needs no denoiser call at all.
+
+    ``override`` (``ReuseConfig.whole_step_skip``, recorded in the plan) forces the answer;
+    ``None`` decides as follows.
 
     UNet2DModel (unless its Fourier time embedding rescales the output by the timestep) and
     UNet2DConditionModel end in norm -> activation -> conv_out, which ignore the timestep; with
@@ -99,6 +113,8 @@ def skips_whole_steps(model: nn.Module, modes: Sequence[str]) -> bool:
     function of the caches only. DiT-style heads are modulated by the timestep embedding and
     residual units add today's input, so those steps must still run the call.
     """
+    if override is not None:
+        return bool(override)
     name = type(model).__name__
     if name == "UNet2DModel":
         step_free_head = getattr(model.config, "time_embedding_type", "positional") != "fourier"
@@ -445,7 +461,7 @@ class ReuseSuperNet:
         self._hooks = ReuseHooks(model, self.units)
         self._hooks.on_remove(restore)
         self._model_fn = make_model_fn(model)
-        self._skips_whole_steps = skips_whole_steps(model, [u.mode for u in self.units])
+        self._skips_whole_steps = skips_whole_steps(model, [u.mode for u in self.units], config.whole_step_skip)
         self.slots = self._make_slots()
 
     # -- shape of the search space
@@ -484,15 +500,30 @@ class ReuseSuperNet:
 
     def _make_slots(self) -> list[GateSlot]:
         width = max(2, len(str(self.num_steps - 1)))
-        return [
+        units = [
             GateSlot(name=f"step{s:0{width}d}/{u.name}", kind="reuse", block=u.name, cost=float(m), step=s)
             for s in range(1, self.num_steps)
             for u, m in zip(self.units, self._unit_macs.tolist())
         ]
+        if not self.config.step_gates:
+            return units
+        steps = [GateSlot(name=f"step{s:0{width}d}/{STEP_BLOCK}", kind="reuse", block=STEP_BLOCK,
+                          cost=self._call_macs, step=s) for s in range(1, self.num_steps)]
+        return units + steps
 
     def gate_grid(self, gates: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` slot-ordered gates (or ``(S-1, B)``) -> ``(S, B)`` grid with row 0 = 1."""
-        body = gates.reshape(self.grid_shape)
+        """``(N,)`` slot-ordered gates (or an ``(S-1, B)`` grid) -> ``(S, B)`` grid with row 0 = 1.
+
+        With step gates the unit gates of step ``s`` are multiplied by that step's gate, so a
+        closed step closes all its units whatever their own gates say.
+        """
+        if gates.ndim == 2:
+            body = gates
+        else:
+            n = self.grid_shape[0] * self.grid_shape[1]
+            body = gates[:n].reshape(self.grid_shape)
+            if self.config.step_gates:
+                body = body * gates[n:n + self.grid_shape[0]].reshape(-1, 1)
         return torch.cat([torch.ones_like(body[:1]), body], dim=0)
 
     def effective(self, grid: torch.Tensor) -> torch.Tensor:
