@@ -38,14 +38,13 @@ Search-loop recipe (what the tests run)::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-COST_MODES: tuple[str, ...] = ("two_sided", "hinge")
-CONTROLLERS: tuple[str, ...] = ("fixed", "dual")
+from dipgo.losses.config import CostConfig, check_cost_mode
+
 # The dual controller holds its multiplier while the (smoothed) violation shrinks by at least
 # this fraction per step: the penalty is already working, raising it would only wind up.
 _MIN_PROGRESS = 0.01
@@ -64,63 +63,6 @@ def check_target(target: float) -> float:
     if not 0.0 < value <= 1.0:  # also rejects NaN
         raise ValueError(f"search.target must be in (0, 1] (the fraction of MACs to keep); got {target!r}")
     return value
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in COST_MODES:
-        raise ValueError(f"cost.mode must be one of {', '.join(COST_MODES)}; got {mode!r}")
-
-
-@dataclass
-class CostConfig:
-    """How hard, and how adaptively, the expected cost is pulled to the target."""
-
-    weight: float = 1.0
-    """Weight of the cost penalty: the constant weight (``fixed``) or the initial multiplier
-    (``dual``)."""
-    mode: str = "two_sided"
-    """``two_sided``: penalise being over *and* under budget (land on the target; the default,
-    since keeping more than asked wastes speed the user paid for in quality). ``hinge``: only
-    over budget (a ceiling; the search may keep less if that costs no distortion)."""
-    controller: str = "dual"
-    """``fixed``: constant ``weight``. ``dual``: multiplier raised while the constraint is
-    violated and decayed while it is met (see :class:`CostController`)."""
-    lr_lambda: float = 0.05
-    """Step size of the ``dual`` multiplier in log space: at most a factor ``exp(lr_lambda)``
-    up or down per step."""
-    lambda_max: float = 100.0
-    """Ceiling of the multiplier, so a target the model cannot reach does not blow up the loss."""
-    lambda_min: float = 0.01
-    """Floor of the multiplier (``dual``): low enough that it can settle near the true price of
-    the constraint when the distortion is small, above 0 so the penalty never switches off."""
-    tolerance: float = 0.005
-    """Relative error ``|log(expected / target)|`` counted as "on target" by the controller;
-    below it the multiplier decays, above ``2 * tolerance`` it rises at full speed."""
-    smoothing: float = 0.9
-    """EMA factor of the signed log ratio the ``dual`` controller reacts to: an oscillation
-    around the target averages out (no reason to push harder), a persistent bias does not."""
-    delta: float = 0.01
-    """Width of the quadratic zone of the pseudo-Huber penalty, in log-ratio units."""
-
-    def __post_init__(self) -> None:
-        _check_mode(self.mode)
-        if self.controller not in CONTROLLERS:
-            raise ValueError(
-                f"cost.controller must be one of {', '.join(CONTROLLERS)}; got {self.controller!r}"
-            )
-        if not 0.0 < self.lambda_min <= self.weight <= self.lambda_max:
-            raise ValueError(
-                "cost weights must satisfy 0 < cost.lambda_min <= cost.weight <= cost.lambda_max; got "
-                f"{self.lambda_min}, {self.weight}, {self.lambda_max}"
-            )
-        if not 0.0 <= self.smoothing < 1.0:
-            raise ValueError(f"cost.smoothing must be in [0, 1); got {self.smoothing}")
-        if self.lr_lambda < 0 or self.tolerance <= 0 or self.delta <= 0:
-            raise ValueError(
-                "cost.lr_lambda must be >= 0 and cost.tolerance, cost.delta > 0; got "
-                f"lr_lambda={self.lr_lambda}, tolerance={self.tolerance}, delta={self.delta}"
-            )
-
 
 def _violation(log_ratio: float, mode: str) -> float:
     """How far off the constraint is, in log-ratio units (0 when satisfied)."""
@@ -142,7 +84,7 @@ def cost_loss(
     computed from keep probabilities (see ``dipgo.search.pruner.keep_probs``).
     """
     target = check_target(target)
-    _check_mode(mode)
+    check_cost_mode(mode)
     x = torch.log(expected.clamp(min=1e-6) / target)  # log ratio, scalar
     if mode == "hinge":
         x = torch.relu(x)

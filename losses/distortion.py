@@ -20,67 +20,12 @@ The reference is always detached: the original model is the fixed teacher.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-# term name -> key of the output dicts it compares
-TERM_KEYS: dict[str, str] = {
-    "mse": "output",
-    "ssim": "output",
-    "eps": "eps",
-    "kl": "output",
-    "cosine": "output",
-    "feature_mse": "features",
-}
-
-
-@dataclass
-class DistortionConfig:
-    """Weights of the distortion terms (0 turns a term off) and their few settings."""
-
-    mse: float = 1.0
-    """Weight of the per-element mean squared error on ``"output"``."""
-    ssim: float = 0.0
-    """Weight of ``1 - SSIM`` on ``"output"`` images ``(..., C, H, W)``; in [0, 2]."""
-    eps: float = 0.0
-    """Weight of the per-element MSE on per-step noise predictions ``"eps"``."""
-    kl: float = 0.0
-    """Weight of ``KL(softmax(ref / T) || softmax(gated / T)) * T^2`` on ``"output"`` logits
-    (last axis = classes)."""
-    cosine: float = 0.0
-    """Weight of ``1 - cosine similarity`` on ``"output"`` embeddings (last axis = features)."""
-    feature_mse: float = 0.0
-    """Weight of the per-element MSE on intermediate ``"features"``."""
-    temperature: float = 1.0
-    """Softmax temperature of the KL term; the ``T^2`` factor keeps its gradient scale steady."""
-    data_range: float = 2.0
-    """Value range of the images for SSIM: 2.0 for images in [-1, 1], 1.0 for [0, 1]."""
-    ssim_kernel: int = 11
-    """Gaussian window of SSIM (odd); shrunk to the largest odd size that fits small images,
-    with sigma scaled as in the standard 11 / 1.5 window."""
-
-    def __post_init__(self) -> None:
-        weights = self.weights()
-        negative = [name for name, w in weights.items() if w < 0]
-        if negative:
-            raise ValueError(f"distortion weights must be >= 0; negative: {', '.join(negative)}")
-        if not any(w > 0 for w in weights.values()):
-            raise ValueError(f"at least one distortion weight must be > 0 (terms: {', '.join(TERM_KEYS)})")
-        if self.temperature <= 0 or self.data_range <= 0:
-            raise ValueError(
-                f"distortion.temperature and distortion.data_range must be > 0; "
-                f"got {self.temperature}, {self.data_range}"
-            )
-        if self.ssim_kernel < 1 or self.ssim_kernel % 2 == 0:
-            raise ValueError(f"distortion.ssim_kernel must be a positive odd number; got {self.ssim_kernel}")
-
-    def weights(self) -> dict[str, float]:
-        """Term name -> weight, for every term (active or not)."""
-        names = {f.name for f in fields(self)}
-        return {term: float(getattr(self, term)) for term in TERM_KEYS if term in names}
+from dipgo.losses.config import TERM_KEYS, DistortionConfig
 
 
 def mse_term(gated: Tensor, reference: Tensor) -> Tensor:

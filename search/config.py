@@ -2,13 +2,13 @@
 
 The YAML files in ``configs/`` are merged onto these dataclasses, so a typo'd key or a value of
 the wrong type is refused at composition time (before any run directory exists) instead of
-silently becoming a new key. The pruner and finetune groups are the run-time dataclasses
-themselves (:func:`config_of` builds them from the composed node), so their defaults and checks
-exist once. ``search.distortion``, ``search.cost``, ``supernet.sds`` and ``search.refine`` still
-have a schema here beside their run-time class, because that class lives in a module that imports
-torch (``dipgo.losses`` imports it eagerly) and composing must stay light; :func:`config_of` builds
-it from the node and refuses a key it lacks instead of dropping it. Each field's comment says what
-it does; ``dipgo search --help`` lists the groups and their options.
+silently becoming a new key. Every group is one dataclass, used both as the schema
+and at run time (:func:`config_of` builds it from the composed node; its ``__post_init__`` checks
+the values). The pruner, finetune and top-level groups live here; ``search.distortion`` and
+``search.cost`` are :mod:`dipgo.losses.config`'s classes and ``search.refine`` and
+``supernet.sds`` are :mod:`dipgo.postprocess.settings`'s: torch-free modules beside the code that
+uses them, so composing stays light. ``dipgo search --help`` lists the groups and their
+options.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+from dipgo.losses.config import CostConfig, DistortionConfig
+from dipgo.postprocess.settings import RefineConfig, SDSConfig
 
 SCHEMA_NAME = "dipgo_schema"
 T = TypeVar("T")
@@ -32,6 +35,7 @@ def config_of(cls: type[T], node: Any) -> T:
 
 
 TAU_SCHEDULES: tuple[str, ...] = ("cosine", "linear", "exp")
+PRUNER_INITS: tuple[str, ...] = ("all", "prior")
 
 
 @dataclass
@@ -49,6 +53,13 @@ class PrunerConfig:
     init_keep_logit: float = 3.0
     """Initial logit gap keep-minus-close: every slot starts at p(keep) = sigmoid(this), i.e. the
     search starts from "compute everything", the original model, and closes gates from there."""
+    init: str = "all"
+    """Where the gates start. ``all``: every slot at p(keep) = sigmoid(``init_keep_logit``), the
+    original model (DiP-GO). ``prior``: at the SuperNet's static prior for the target, if it has
+    one (reuse: every block computed at K evenly spaced steps, K = target x steps, which is a
+    K-step sampler on the searched timesteps): those slots start kept and the others closed, each
+    at a gap of ``init_keep_logit``, so the pruner learns deviations from a schedule that already
+    meets the budget. Kinds without a prior start at ``all``."""
     tau_start: float = 1.0
     """Gumbel-softmax temperature at step 0 (soft samples, exploratory gradients)."""
     tau_end: float = 0.1
@@ -92,6 +103,8 @@ class PrunerConfig:
                 f"pruner.slot_logit_scale and pruner.logit_l2 must be >= 0; "
                 f"got {self.slot_logit_scale}, {self.logit_l2}"
             )
+        if self.init not in PRUNER_INITS:
+            raise ValueError(f"pruner.init must be one of {', '.join(PRUNER_INITS)}; got {self.init!r}")
         if self.tau_schedule not in TAU_SCHEDULES:
             raise ValueError(
                 f"pruner.tau_schedule must be one of {', '.join(TAU_SCHEDULES)}; got {self.tau_schedule!r}"
@@ -121,18 +134,6 @@ class ModelConfig:
 
 
 @dataclass
-class SdsSchema:
-    """Mask kind, SDS (Sparse-Dense-Sparse): after the prune, re-activate the pruned weights, train the
-    masked layers dense towards the dense outputs with an L1 pull of those weights to zero, prune again."""
-
-    enabled: bool = False  # run SDS after dipgo's prune (the report then also lists dipgo_before_sds)
-    steps: int = 100  # Adam steps of the re-dense training per round (>= 1)
-    lr: float = 3e-4  # Adam learning rate of the re-dense training (cosine decay)
-    l1: float = 0.3  # L1 pull of the previously pruned weights to zero, per step in learning-rate units (>= 0; 0 = off)
-    rounds: int = 1  # dense-sparse rounds (>= 1)
-
-
-@dataclass
 class SupernetConfig:
     kind: str = "reuse"  # gate kind: reuse (timestep feature reuse) | block | mask | joint (reuse + mask, one budget)
     granularity: str = "block"  # block | layer (finer: each resnet/attention or attn/MLP)
@@ -154,7 +155,7 @@ class SupernetConfig:
     reconstruct: bool = True  # mask kind: OBS layer-wise reconstruction of the kept weights on calibration inputs
     distill_steps: int = 100  # mask kind: steps distilling the kept weights towards the dense outputs (0 = off)
     distill_lr: float = 3e-4  # mask kind: Adam learning rate of that distillation
-    sds: SdsSchema = field(default_factory=SdsSchema)  # mask kind: optional SDS step after the prune (dipgo.postprocess.sds)
+    sds: SDSConfig = field(default_factory=SDSConfig)  # mask kind: optional SDS step after the prune (dipgo.postprocess.sds)
     kinds: list[str] = field(default_factory=lambda: ["reuse", "mask"])  # joint kind: what is searched ([reuse, mask], [reuse] or [mask])
     mask_exclude: list[str] = field(default_factory=list)  # joint kind: extra regexes of module paths never masked
     mask_calib_items: int = 16  # joint kind: calibration noises whose trajectories give Wanda norms and OBS Hessians
@@ -167,40 +168,6 @@ class SupernetConfig:
 
 
 @dataclass
-class DistortionSchema:
-    mse: float = 1.0  # MSE of the final sample / logits / embedding against the original model
-    ssim: float = 0.0  # weight of 1 - SSIM (images)
-    eps: float = 0.0  # per-step noise-prediction MSE (diffusion)
-    kl: float = 0.0  # KL on logits (classifiers)
-    cosine: float = 0.0  # 1 - cosine of embeddings (encoders)
-    feature_mse: float = 0.0
-    temperature: float = 1.0  # KL temperature
-    data_range: float = 2.0  # image value range for SSIM ([-1, 1] -> 2)
-    ssim_kernel: int = 11  # SSIM window (shrunk to fit small images)
-
-@dataclass
-class CostSchema:
-    weight: float = 1.0  # initial weight of the cost penalty
-    mode: str = "two_sided"  # two_sided (land on the target) | hinge (only stay under it)
-    controller: str = "dual"  # dual (Lagrange-style multiplier) | fixed
-    lr_lambda: float = 0.05  # step size of the multiplier
-    lambda_max: float = 100.0
-    lambda_min: float = 0.01
-    tolerance: float = 0.005  # |log(expected/target)| counted as on target
-    smoothing: float = 0.9  # EMA of the signed log ratio the controller reacts to
-    delta: float = 0.01  # quadratic zone of the pseudo-Huber penalty (log-ratio units)
-
-
-@dataclass
-class RefineSchema:
-    enabled: bool = True  # refine the extracted plan by measuring hard plans on calibration data
-    max_evals: int = 150  # hard-plan evaluations of the local search
-    batch: int = 16  # calibration items per evaluation
-    seeds: list[str] = field(default_factory=lambda: ["uniform", "whole_steps", "weight_norm", "drop_last"])  # static plans also tried as starting points (each kind uses its own: reuse uniform/whole_steps, block weight_norm/drop_last)
-
-
-
-@dataclass
 class SearchConfig:
     target: float = 0.25  # fraction of MACs to keep, in (0, 1]; 0.25 asks for a 4x MACs reduction
     target_range: list[float] | None = None  # budget-conditioned pruner: train on budgets drawn from [low, high]
@@ -208,9 +175,9 @@ class SearchConfig:
     lr: float = 0.01  # pruner learning rate (Adam)
     weight_decay: float = 0.0
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
-    distortion: DistortionSchema = field(default_factory=DistortionSchema)
-    cost: CostSchema = field(default_factory=CostSchema)
-    refine: RefineSchema = field(default_factory=RefineSchema)
+    distortion: DistortionConfig = field(default_factory=DistortionConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 

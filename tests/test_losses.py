@@ -14,9 +14,8 @@ from dipgo.losses import (
     DistortionConfig,
     check_target,
     cost_loss,
-    distortion,
 )
-from dipgo.losses.distortion import ssim_term
+from dipgo.losses.distortion import distortion, ssim_term
 
 ALL_TERMS = DistortionConfig(mse=1.0, ssim=0.5, eps=0.3, kl=0.2, cosine=0.1, feature_mse=0.4)
 
