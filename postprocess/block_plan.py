@@ -15,13 +15,16 @@ ratio is ``(full - removed) / full``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dipgo.errors import PlanError
 from dipgo.postprocess.plan import Plan
+
+if TYPE_CHECKING:
+    from dipgo.supernets.block import BlockSuperNet
 
 BLOCK_BASELINES: tuple[str, ...] = ("weight_norm", "drop_last", "random")
 
@@ -63,7 +66,7 @@ def fill_budget(importance: Sequence[float], costs: Sequence[float], full: float
     return keep
 
 
-def extract_block_plan(probs: torch.Tensor, supernet: Any, target: float, meta: dict[str, Any] | None = None) -> Plan:
+def extract_block_plan(probs: torch.Tensor, supernet: BlockSuperNet, target: float, meta: dict[str, Any] | None = None) -> Plan:
     """The learned plan: blocks with the lowest keep probability go first."""
     from dipgo.postprocess.block_subnet import make_block_plan
 
@@ -89,7 +92,7 @@ def weight_norm_importance(model: nn.Module, blocks: Sequence[str]) -> list[floa
     return out
 
 
-def baseline_block_plan(name: str, supernet: Any, target: float, seed: int = 0) -> Plan:
+def baseline_block_plan(name: str, supernet: BlockSuperNet, target: float, seed: int = 0) -> Plan:
     """A baseline plan at the same budget: ``weight_norm``, ``drop_last`` or ``random``."""
     blocks = supernet.blocks
     n = len(blocks)

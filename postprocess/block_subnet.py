@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from dipgo.supernets.block import (
     find_containers,
     synthetic_example,
 )
+
+if TYPE_CHECKING:
+    from dipgo.supernets.block import BlockSuperNet
 
 SUBNET_FILE = "dipgo_subnet.json"
 SUBNET_FORMAT = "dipgo-block-subnet"
@@ -118,7 +121,7 @@ TIMM_EXPORT_COVERAGE: tuple[tuple[str, dict[str, Any]], ...] = tuple(
 # ----------------------------------------------------------------------------- plans
 
 
-def make_block_plan(supernet: Any, keep: Sequence[bool], target: float | None = None,
+def make_block_plan(supernet: BlockSuperNet, keep: Sequence[bool], target: float | None = None,
                     meta: dict[str, Any] | None = None) -> Plan:
     """A ``block`` Plan from a keep mask over ``supernet.blocks``, with the blocks' signatures in
     ``meta["block_signatures"]`` so that :func:`check_plan_matches` can tell resnet18 from resnet34."""

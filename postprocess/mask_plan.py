@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from dipgo.errors import PlanError
 from dipgo.postprocess.plan import MaskPayload, Plan
 from dipgo.supernets.mask import Pattern, weight_matrix
+
+if TYPE_CHECKING:
+    from dipgo.supernets.mask import MaskSuperNet
 
 
 def check_mask_target(target: float) -> float:
@@ -101,7 +104,7 @@ def quantise(densities: list[float], units: Sequence[int], costs: Sequence[float
     return out
 
 
-def layer_units(supernet: Any) -> list[int]:
+def layer_units(supernet: MaskSuperNet) -> list[int]:
     """Density steps per layer: weights (unstructured), blocks (block), or column blocks per
     block-row (rowblock: every block-row keeps the same count ``k``, so the density is ``k / (in/b)``)."""
     p: Pattern = supernet.pattern
@@ -117,7 +120,7 @@ def layer_units(supernet: Any) -> list[int]:
     return units
 
 
-def make_mask_plan(supernet: Any, densities: list[float], target: float, meta: dict[str, Any] | None = None) -> Plan:
+def make_mask_plan(supernet: MaskSuperNet, densities: list[float], target: float, meta: dict[str, Any] | None = None) -> Plan:
     costs = [s.cost for s in supernet.slots]
     ratio = sum(d * c for d, c in zip(densities, costs)) / sum(costs)
     info = {**MaskPayload(supernet.pattern.name, [round(float(d), 6) for d in densities]).to_meta(),
@@ -127,7 +130,7 @@ def make_mask_plan(supernet: Any, densities: list[float], target: float, meta: d
                 compute=[[d >= 1.0 for d in densities]], target=float(target), cost_ratio=float(ratio), meta=info)
 
 
-def extract_mask_plan(probs: torch.Tensor, supernet: Any, target: float, meta: dict[str, Any] | None = None,
+def extract_mask_plan(probs: torch.Tensor, supernet: MaskSuperNet, target: float, meta: dict[str, Any] | None = None,
                       selection: str = "dipgo") -> Plan:
     """Learned densities ``(N,)`` -> a plan whose global density is the target (within one block)."""
     check_mask_target(target)
@@ -139,7 +142,7 @@ def extract_mask_plan(probs: torch.Tensor, supernet: Any, target: float, meta: d
     return make_mask_plan(supernet, dens, target, info)
 
 
-def uniform_plan(supernet: Any, target: float, selection: str = "uniform") -> Plan:
+def uniform_plan(supernet: MaskSuperNet, target: float, selection: str = "uniform") -> Plan:
     """Every free layer at the same density (the one-shot baselines' allocation)."""
     return extract_mask_plan(torch.full((len(supernet.layers),), float(target)), supernet, target,
                              selection=selection)

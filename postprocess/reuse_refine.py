@@ -25,38 +25,27 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from dipgo.postprocess.settings import RefineConfig
+from dipgo.supernets.reuse import whole_steps_rows
+
+if TYPE_CHECKING:
+    from dipgo.supernets.reuse import ReuseSuperNet
 
 Grid = list[list[bool]]
 
 
-@dataclass
-class RefineConfig:
-    """Settings of the post-search refinement (``search.refine`` in the config)."""
-
-    enabled: bool = True
-    """Run the refinement (off: the plan is the greedy extraction from the learned probabilities)."""
-    max_evals: int = 150
-    """Hard-plan evaluations of the local search (each samples the calibration batch once)."""
-    batch: int = 16
-    """Calibration items sampled per evaluation (the first items of the pool)."""
-    seeds: tuple[str, ...] = ("uniform", "whole_steps")
-    """Static schedules also tried as starting points, besides the learned plan."""
-
-
-def whole_steps_grid(supernet: Any, target: float) -> Grid:
+def whole_steps_grid(supernet: ReuseSuperNet, target: float) -> Grid:
     """Every block computed at K evenly spaced steps, K = round(target * S) (may exceed the budget
     slightly: :func:`refine_grid` repairs seeds before scoring them)."""
-    steps, blocks = supernet.num_steps, len(supernet.block_names)
-    k = max(1, min(steps, round(target * steps)))  # as many steps as a K-step sampler at this budget
-    rows = {round(i * steps / k) for i in range(k)}
-    return [[s in rows] * blocks for s in range(steps)]
+    rows = whole_steps_rows(supernet.num_steps, target)  # as many steps as a K-step sampler at this budget
+    return [[s in rows] * len(supernet.block_names) for s in range(supernet.num_steps)]
 
 
-def repair(supernet: Any, grid: Grid, probs: torch.Tensor, target: float) -> Grid:
+def repair(supernet: ReuseSuperNet, grid: Grid, probs: torch.Tensor, target: float) -> Grid:
     """Close open slots, least likely kept first, until the plan fits the budget.
 
     Lets a static schedule that lands a hair over the target (10 whole steps of 50 cost 20.2%
@@ -74,7 +63,7 @@ def repair(supernet: Any, grid: Grid, probs: torch.Tensor, target: float) -> Gri
     return grid
 
 
-def fill_slack(supernet: Any, grid: Grid, probs: torch.Tensor, target: float) -> Grid:
+def fill_slack(supernet: ReuseSuperNet, grid: Grid, probs: torch.Tensor, target: float) -> Grid:
     """Re-open closed slots, most likely kept first, wherever the budget still holds."""
     grid = [row[:] for row in grid]
     order = sorted(
@@ -107,7 +96,7 @@ def _moves(grid: Grid, rng: random.Random) -> Grid | None:
 
 
 def refine_grid(
-    supernet: Any, seeds: dict[str, Grid], probs: torch.Tensor, target: float,
+    supernet: ReuseSuperNet, seeds: dict[str, Grid], probs: torch.Tensor, target: float,
     score: Callable[[Grid], float], config: RefineConfig, seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
 ) -> tuple[Grid, dict[str, Any]]:

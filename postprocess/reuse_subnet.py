@@ -27,8 +27,8 @@ from dipgo.files import read_json, write_json_atomic
 from dipgo.models.io import null_class_for
 from dipgo.postprocess.plan import Plan, ReusePayload
 from dipgo.postprocess.reuse_plan import check_plan_fits
-from dipgo.supernets.adapters import ConsumerGraph, get_reuse_adapter
 from dipgo.supernets import forecast
+from dipgo.supernets.adapters import ConsumerGraph, get_reuse_adapter
 from dipgo.supernets.reuse import ReuseHooks, StepState, cache_nbytes, effective_grid, skips_whole_steps
 from dipgo.supernets.sampling import make_model_fn, make_scheduler, sample
 

@@ -12,7 +12,7 @@ held-out sentences. Latency: median of interleaved runs of every variant in one 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -26,8 +26,12 @@ from dipgo.models.io import outputs
 from dipgo.postprocess.plan import Plan
 from dipgo.report.registry import register_functions
 
+if TYPE_CHECKING:
+    from dipgo.models.registry import LoadedModel
+    from dipgo.supernets.block import BlockSuperNet
 
-def eval_data(loaded: Any, cfg: DictConfig) -> dict[str, torch.Tensor]:
+
+def eval_data(loaded: LoadedModel, cfg: DictConfig) -> dict[str, torch.Tensor]:
     """Held-out evaluation data: digits test images + labels, or tokenised test sentences."""
     from dipgo.models.io import digits_images
 
@@ -42,7 +46,7 @@ def eval_data(loaded: Any, cfg: DictConfig) -> dict[str, torch.Tensor]:
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
-def plan_variants(supernet: Any, plan: Plan, cfg: DictConfig) -> tuple[dict[str, Plan], list[str]]:
+def plan_variants(supernet: BlockSuperNet, plan: Plan, cfg: DictConfig) -> tuple[dict[str, Plan], list[str]]:
     """The dipgo plan plus every configured block baseline at the same target; skipped names."""
     from dipgo.postprocess.block_plan import BLOCK_BASELINES, baseline_block_plan
 
@@ -68,7 +72,7 @@ def _latency_inputs(data: dict[str, torch.Tensor], batch: int) -> dict[str, torc
     return {k: v[:batch] for k, v in data.items() if k != "labels"}
 
 
-def evaluate_block(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
+def evaluate_block(loaded: LoadedModel, supernet: BlockSuperNet, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
     """The report of one block search: every variant's cost, speedup and held-out fidelity."""
     from dipgo.measure.macs import model_macs
     from dipgo.models.io import output_fn_for
@@ -131,7 +135,7 @@ def evaluate_block(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_
     return report, plots
 
 
-def finetuned(model: nn.Module, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> nn.Module | None:
+def finetuned(model: nn.Module, supernet: BlockSuperNet, plan: Plan, cfg: DictConfig, run_dir: Path) -> nn.Module | None:
     """The progressively distilled model when ``search.finetune.enabled`` (see :mod:`dipgo.search.finetune`)."""
     if not cfg.search.finetune.enabled:
         return None
@@ -226,7 +230,7 @@ def bench_lines(result: dict[str, Any]) -> list[str]:
     ]
 
 
-def exhaustive_subsets(loaded: Any, blocks: list[str], num_removed: int, data: dict[str, torch.Tensor],
+def exhaustive_subsets(loaded: LoadedModel, blocks: list[str], num_removed: int, data: dict[str, torch.Tensor],
                        ref: torch.Tensor) -> list[dict[str, Any]]:
     """Held-out fidelity of every way to remove ``num_removed`` of ``blocks``, best first.
 

@@ -11,7 +11,7 @@ summarised again.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -29,6 +29,10 @@ from dipgo.report.reuse_eval import _digits_judge, eval_items
 from dipgo.search.joint_block_task import subnet_of
 from dipgo.search.joint_common import macs_density
 from dipgo.supernets.joint import layer_units
+
+if TYPE_CHECKING:
+    from dipgo.supernets.joint import JointSuperNet
+    from dipgo.supernets.joint_block import BlockMaskSuperNet
 
 
 def evaluate_joint(loaded: LoadedModel, joint: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
@@ -63,7 +67,7 @@ def _reuse_plot(plan: Plan, run_dir: Path) -> Path:
                               mask.get("density", []), run_dir / "joint_plan.png", title=title)
 
 
-def evaluate_block_joint(loaded: LoadedModel, sn: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
+def evaluate_block_joint(loaded: LoadedModel, sn: BlockMaskSuperNet, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
     """Held-out fidelity of the SubNet (pruned weights + removed blocks) against the full model."""
     kind = loaded.kind
     data = eval_data(loaded, cfg)
@@ -146,7 +150,7 @@ class JointReport:
 
     kind = "joint"
 
-    def evaluate(self, loaded: LoadedModel, supernet: Any, plan: Plan, cfg: DictConfig,
+    def evaluate(self, loaded: LoadedModel, supernet: JointSuperNet, plan: Plan, cfg: DictConfig,
                  run_dir: Path) -> tuple[dict, dict]:
         return evaluate_joint(loaded, supernet, plan, cfg, run_dir)
 
@@ -166,7 +170,7 @@ class JointReport:
 class BlockJointReport(JointReport):
     """Joint block + mask plans of a classifier or encoder (the ``block_mask`` variant)."""
 
-    def evaluate(self, loaded: LoadedModel, supernet: Any, plan: Plan, cfg: DictConfig,
+    def evaluate(self, loaded: LoadedModel, supernet: BlockMaskSuperNet, plan: Plan, cfg: DictConfig,
                  run_dir: Path) -> tuple[dict, dict]:
         return evaluate_block_joint(loaded, supernet, plan, cfg, run_dir)
 

@@ -18,7 +18,7 @@ kernel SubNet's output is compared with the masked dense model's on that batch (
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -27,8 +27,11 @@ from dipgo.errors import PlanError
 from dipgo.measure.latency import compare_latency, speedup
 from dipgo.postprocess.plan import MaskPayload, Plan
 
+if TYPE_CHECKING:
+    from dipgo.supernets.mask import MaskSuperNet
 
-def plan_masks(supernet: Any, plan: Plan) -> dict[str, torch.Tensor]:
+
+def plan_masks(supernet: MaskSuperNet, plan: Plan) -> dict[str, torch.Tensor]:
     """``{layer: bool keep mask (out, in)}`` of every planned layer below density 1 (saliency + plan density)."""
     from dipgo.supernets.mask import density_mask, parse_pattern
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
@@ -25,8 +25,12 @@ from dipgo.report.mask_bench import bench_mask_plan
 from dipgo.report.registry import register_functions
 from dipgo.search.mask_task import build_subnet, export_subnet
 
+if TYPE_CHECKING:
+    from dipgo.models.registry import LoadedModel
+    from dipgo.supernets.mask import MaskSuperNet
 
-def evaluate_mask(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
+
+def evaluate_mask(loaded: LoadedModel, supernet: MaskSuperNet, plan: Plan, cfg: DictConfig, run_dir: Path) -> tuple[dict, dict]:
     from dipgo.measure.fidelity import fidelity_key, output_fidelity
     from dipgo.models.io import outputs
     from dipgo.postprocess.mask_baselines import MASK_BASELINES, global_density, prune_baseline
@@ -94,7 +98,7 @@ def _sds_dict(cfg: DictConfig) -> dict[str, Any]:
     return SDSConfig.from_config(cfg.supernet.get("sds")).to_dict()
 
 
-def _free_target(plan: Plan, supernet: Any) -> float:
+def _free_target(plan: Plan, supernet: MaskSuperNet) -> float:
     """The density the free (non-refused) layers need for the plan's global density."""
     costs = [s.cost for s in supernet.slots]
     fixed = sum(c for p, c in zip(supernet.layers, costs) if p in supernet.refused)

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -31,6 +31,10 @@ from dipgo.measure.latency import compare_latency, speedup
 from dipgo.postprocess.plan import Plan
 from dipgo.report.registry import register_functions
 from dipgo.search.data import map_tensors
+
+if TYPE_CHECKING:
+    from dipgo.models.registry import LoadedModel
+    from dipgo.supernets.reuse import ReuseSuperNet
 
 DIGITS_SOURCES = ("digits_unet", "digits_dit")
 
@@ -92,7 +96,7 @@ def _cache_runner(run: Callable[..., torch.Tensor], model: torch.nn.Module, name
     return cached
 
 
-def _teacache_variant(model: torch.nn.Module, supernet: Any, plan: Plan, run: Callable[..., torch.Tensor],
+def _teacache_variant(model: torch.nn.Module, supernet: ReuseSuperNet, plan: Plan, run: Callable[..., torch.Tensor],
                       calib: dict[str, torch.Tensor], steps: int) -> Variant:
     """TeaCache-style run-time skipping, its threshold bisected on calibration noise to the plan's MACs."""
     from dipgo.postprocess.teacache import calibrate_threshold, install_teacache, mean_cost
@@ -130,7 +134,7 @@ def _pruner_plan(plan: Plan) -> Plan | None:
 
 
 def build_variants(
-    loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run: Callable[..., torch.Tensor],
+    loaded: LoadedModel, supernet: ReuseSuperNet, plan: Plan, cfg: DictConfig, run: Callable[..., torch.Tensor],
     calib: dict[str, torch.Tensor], probe: dict[str, torch.Tensor],
 ) -> tuple[list[Variant], dict[str, str]]:
     """Full model, dipgo plan and every configured baseline, at (about) the plan's MACs.
@@ -197,7 +201,7 @@ def build_variants(
     return variants, skipped
 
 
-def _digits_judge(loaded: Any) -> tuple[Any, torch.Tensor] | None:
+def _digits_judge(loaded: LoadedModel) -> tuple[Any, torch.Tensor] | None:
     """The digits classifier and its features of the real held-out digits, for digits denoisers."""
     if getattr(loaded, "source", None) not in DIGITS_SOURCES:
         return None
@@ -211,7 +215,7 @@ def _digits_judge(loaded: Any) -> tuple[Any, torch.Tensor] | None:
     return classifier, feats
 
 
-def eval_items(loaded: Any, cfg: DictConfig, num: int, seed: int, split: str = "evaluation") -> dict[str, Any]:
+def eval_items(loaded: LoadedModel, cfg: DictConfig, num: int, seed: int, split: str = "evaluation") -> dict[str, Any]:
     """A fixed batch of ``num`` items (no ``index``): noise (+ class labels), or with
     ``data.kind=prompts`` noise + embeddings of the ``split`` prompts (held out: ``evaluation``)."""
     from dipgo.models.io import sample_spec
@@ -242,7 +246,7 @@ def _decode(vae: torch.nn.Module, latents: torch.Tensor, device: torch.device, c
     return torch.cat(images)
 
 
-def _fidelity_space(loaded: Any, samples: dict[str, torch.Tensor], device: torch.device, cfg: DictConfig
+def _fidelity_space(loaded: LoadedModel, samples: dict[str, torch.Tensor], device: torch.device, cfg: DictConfig
                     ) -> tuple[dict[str, torch.Tensor], str, float]:
     """``(what is compared, its name, PSNR/SSIM data range)``: pixels, VAE-decoded images or latents."""
     from dipgo.models.registry import load_vae
@@ -268,7 +272,7 @@ def _viewable(images: dict[str, torch.Tensor], space: str) -> dict[str, torch.Te
 
 
 def evaluate_reuse(
-    loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig, run_dir: Path
+    loaded: LoadedModel, supernet: ReuseSuperNet, plan: Plan, cfg: DictConfig, run_dir: Path
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Sample, score, time and plot every variant; return ``(report, {plot name: path})``."""
     from dipgo.measure.fidelity import image_fidelity, psnr, ssim
@@ -423,7 +427,7 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _plots(samples: dict[str, torch.Tensor], labels: dict[str, str], plan: Plan, supernet: Any, run_dir: Path) -> dict[str, Path]:
+def _plots(samples: dict[str, torch.Tensor], labels: dict[str, str], plan: Plan, supernet: ReuseSuperNet, run_dir: Path) -> dict[str, Path]:
     from dipgo.report.plots import cost_bars, gate_heatmap, loss_curves, sample_grid
 
     plots_dir = run_dir / "plots"

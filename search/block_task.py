@@ -11,7 +11,7 @@ a smaller model of the same library. Evaluation is the report's part (:mod:`dipg
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -21,10 +21,14 @@ from dipgo.models.io import digits_images, output_fn_for
 from dipgo.postprocess.plan import Plan
 from dipgo.search.registry import register_task
 
+if TYPE_CHECKING:
+    from dipgo.models.registry import LoadedModel
+    from dipgo.supernets.block import BlockSuperNet
+
 KINDS = ("classifier", "encoder")
 
 
-def calibration_pool(loaded: Any, cfg: DictConfig) -> Any:
+def calibration_pool(loaded: LoadedModel, cfg: DictConfig) -> Any:
     """The calibration pool: training images or training sentences (never the evaluation split)."""
     from dipgo.search.data import ImagePool, TextPool
 
@@ -41,7 +45,7 @@ def _example(pool: Any, n: int = 1) -> dict[str, torch.Tensor]:
     return {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "index"}
 
 
-def _check_data(loaded: Any, cfg: DictConfig) -> None:
+def _check_data(loaded: LoadedModel, cfg: DictConfig) -> None:
     from dipgo.errors import UnsupportedModelError
 
     if loaded.kind not in KINDS:
@@ -56,7 +60,7 @@ def _check_data(loaded: Any, cfg: DictConfig) -> None:
         raise UnsupportedModelError(f"the encoder {loaded.source} has no tokenizer files; block search on text needs one")
 
 
-def apply_latency_costs(supernet: Any, pool: Any, cfg: DictConfig) -> dict[str, Any]:
+def apply_latency_costs(supernet: BlockSuperNet, pool: Any, cfg: DictConfig) -> dict[str, Any]:
     """Replace the slots' MACs by a per-block latency table measured (or cached) on this device."""
     from dipgo.measure.block_latency import block_latency_table
 
@@ -80,7 +84,7 @@ class BlockTask:
     def validate(self, cfg: DictConfig) -> None:
         """Nothing beyond the checks every kind shares (:func:`dipgo.search.compose.validate_config`)."""
 
-    def build(self, loaded: Any, cfg: DictConfig) -> Any:
+    def build(self, loaded: LoadedModel, cfg: DictConfig) -> Any:
         from dipgo.postprocess.block_plan import check_block_reachable
         from dipgo.supernets.block import apply_block_gates
 
@@ -95,13 +99,13 @@ class BlockTask:
         check_block_reachable([s.cost for s in supernet.slots], supernet.full_cost(), cfg.search.target)
         return supernet
 
-    def datamodule(self, loaded: Any, supernet: Any, cfg: DictConfig) -> Any:
+    def datamodule(self, loaded: LoadedModel, supernet: BlockSuperNet, cfg: DictConfig) -> Any:
         from dipgo.search.data import CalibrationDataModule
 
         pool = supernet.calibration_pool  # built once in build()
         return CalibrationDataModule(pool, cfg.data.batch_size, cfg.data.steps_per_epoch, cfg.seed, cfg.data.num_workers)
 
-    def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
+    def extract_plan(self, probs: torch.Tensor, supernet: BlockSuperNet, cfg: DictConfig) -> Plan:
         from dipgo.postprocess.block_plan import extract_block_plan
 
         meta = {"cost": cfg.supernet.cost, "model_source": cfg.model.name}
@@ -120,7 +124,7 @@ class BlockTask:
         return path
 
 
-def refine(plan: Plan, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
+def refine(plan: Plan, probs: torch.Tensor, supernet: BlockSuperNet, cfg: DictConfig) -> Plan:
     """The extracted plan refined by measuring hard plans on calibration data (swap search).
 
     Seeds: the learned plan plus the configured static criteria (``search.refine.seeds`` entries

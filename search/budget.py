@@ -10,14 +10,17 @@ hard plan from the same pruner (same extraction and refinement as the main plan)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
 from dipgo.postprocess.plan import Plan
 
+if TYPE_CHECKING:
+    from dipgo.supernets.gates import SuperNet
 
-def budget_plans(module: Any, task: Any, supernet: Any, cfg: DictConfig, run_dir: Path) -> dict[float, Plan]:
+
+def budget_plans(module: Any, task: Any, supernet: SuperNet, cfg: DictConfig, run_dir: Path) -> dict[float, Plan]:
     """``{target: plan}`` for ``cfg.search.plan_targets`` (empty unless the pruner is budget-conditioned)."""
     if not (cfg.search.pruner.budget_conditioned and cfg.search.plan_targets):
         return {}

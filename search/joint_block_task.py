@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -38,6 +38,10 @@ from dipgo.search.joint_common import (
 )
 from dipgo.search.registry import register_task
 
+if TYPE_CHECKING:
+    from dipgo.models.registry import LoadedModel
+    from dipgo.supernets.joint_block import BlockMaskSuperNet
+
 
 def routes_here(cfg: DictConfig) -> bool:
     """Whether a ``supernet=joint`` config is the block + mask variant: ``block`` is searched, or
@@ -51,7 +55,7 @@ def _floor(value: float, digits: int = 6) -> float:
     return math.floor(value * 10**digits) / 10**digits
 
 
-def build_block_joint(loaded: Any, cfg: DictConfig) -> Any:
+def build_block_joint(loaded: LoadedModel, cfg: DictConfig) -> Any:
     """Block gates + mask gates on ``loaded.model`` (classifier or encoder) as one SuperNet."""
     from dipgo.errors import UnsupportedModelError
     from dipgo.models.io import output_fn_for
@@ -94,7 +98,7 @@ def build_block_joint(loaded: Any, cfg: DictConfig) -> Any:
     return sn
 
 
-def reachable_floor(sn: Any) -> float:
+def reachable_floor(sn: BlockMaskSuperNet) -> float:
     """Kept-MACs ratio of the cheapest plan the searched kinds can make."""
     keep = [("block" not in sn.kinds)] * len(sn.blocks)
     dens = []
@@ -104,7 +108,7 @@ def reachable_floor(sn: Any) -> float:
     return sn.plan_cost(keep, dens)
 
 
-def fit_densities(sn: Any, densities: torch.Tensor, keep: list[bool], target: float) -> torch.Tensor | None:
+def fit_densities(sn: BlockMaskSuperNet, densities: torch.Tensor, keep: list[bool], target: float) -> torch.Tensor | None:
     """The learned densities shifted by one constant (clamped, fixed layers untouched) so that the
     plan with blocks ``keep`` costs at most ``target``, as close to it as bisection gets; ``None``
     when even the minimum density does not reach it."""
@@ -113,7 +117,7 @@ def fit_densities(sn: Any, densities: torch.Tensor, keep: list[bool], target: fl
 
 
 def refine_blocks(keep: list[bool], probs: list[float], costs: list[float], total: float, target: float,
-                  sn: Any, cfg: DictConfig, densities: list[float]) -> tuple[list[bool], dict[str, Any]]:
+                  sn: BlockMaskSuperNet, cfg: DictConfig, densities: list[float]) -> tuple[list[bool], dict[str, Any]]:
     """The block part refined by measuring hard plans on calibration data: the block kind's swap
     search, seeded with the learned plan and its static baselines, on the costs the sparsity left.
     Layers compute with saliency masks at ``densities`` (the OBS prune comes once, at the end)."""
@@ -145,7 +149,7 @@ def refine_blocks(keep: list[bool], probs: list[float], costs: list[float], tota
     return refine_block_keep(seeds, probs, costs, total, target, score, max_evals=cfg.search.refine.max_evals)
 
 
-def choose_blocks(g_block: torch.Tensor, densities: list[float], sn: Any, cfg: DictConfig,
+def choose_blocks(g_block: torch.Tensor, densities: list[float], sn: BlockMaskSuperNet, cfg: DictConfig,
                   meta: dict[str, Any]) -> list[bool]:
     """Kept blocks within ``search.target`` at fixed densities: the block kind's exact-budget code on
     the costs the sparsity left. With unit costs ``c_b(d)`` and ``T(d)`` the whole model at ``d``:
@@ -162,7 +166,7 @@ def choose_blocks(g_block: torch.Tensor, densities: list[float], sn: Any, cfg: D
     return keep
 
 
-def relearned(sn: Any, densities: torch.Tensor, learned_keep: list[bool], keep: list[bool]) -> torch.Tensor:
+def relearned(sn: BlockMaskSuperNet, densities: torch.Tensor, learned_keep: list[bool], keep: list[bool]) -> torch.Tensor:
     """Densities of layers in blocks the search expected to remove but the plan keeps: the search
     had little reason to keep them dense (a closed gate hides their distortion, while their cost
     gradient stays), so they get the MACs-weighted mean density of the layers it did expect to run."""
@@ -179,7 +183,7 @@ def relearned(sn: Any, densities: torch.Tensor, learned_keep: list[bool], keep: 
     return torch.where(stale & free, mean, densities)
 
 
-def reopen_blocks(keep: list[bool], densities: torch.Tensor, learned_keep: list[bool], probs: list[float], sn: Any,
+def reopen_blocks(keep: list[bool], densities: torch.Tensor, learned_keep: list[bool], probs: list[float], sn: BlockMaskSuperNet,
                   cfg: DictConfig) -> tuple[list[bool], torch.Tensor, dict[str, Any]]:
     """Trade depth for sparsity where it measures better: re-open a removed block (most probable
     first) and pay for it with lower densities (one constant shift to the budget); keep the move
@@ -218,7 +222,7 @@ def reopen_blocks(keep: list[bool], densities: torch.Tensor, learned_keep: list[
     return keep, densities, {"evaluations": tried + 1, "accepted_moves": accepted, "final_score": float(f"{best:.6g}")}
 
 
-def mask_candidates(sn: Any, learned: torch.Tensor, learned_keep: list[bool], cfg: DictConfig) -> dict[str, torch.Tensor]:
+def mask_candidates(sn: BlockMaskSuperNet, learned: torch.Tensor, learned_keep: list[bool], cfg: DictConfig) -> dict[str, torch.Tensor]:
     """Density allocations whose split of the budget is measured (:func:`extract_block_joint_plan`).
 
     Joint search: the pruner's densities (``learned``, floored at ``supernet.mask_min_density``;
@@ -263,7 +267,7 @@ def mask_candidates(sn: Any, learned: torch.Tensor, learned_keep: list[bool], cf
     return out
 
 
-def _scoring_batch(sn: Any, cfg: DictConfig) -> dict[str, torch.Tensor]:
+def _scoring_batch(sn: BlockMaskSuperNet, cfg: DictConfig) -> dict[str, torch.Tensor]:
     """``search.refine.batch`` calibration items to score candidates on: the ones after the
     ``supernet.mask_calib_items`` that OBS reconstructs on, where the pool has them (a candidate's
     OBS fit would otherwise be scored on its own fitting data, which block removal never is)."""
@@ -273,7 +277,7 @@ def _scoring_batch(sn: Any, cfg: DictConfig) -> dict[str, torch.Tensor]:
     return {k: v for k, v in collate([pool[i] for i in range(start, start + n)]).items() if k != "index"}
 
 
-def _candidate_plan(name: str, dens: torch.Tensor, g_block: torch.Tensor, learned_keep: list[bool], sn: Any,
+def _candidate_plan(name: str, dens: torch.Tensor, g_block: torch.Tensor, learned_keep: list[bool], sn: BlockMaskSuperNet,
                     cfg: DictConfig) -> tuple[list[bool], list[float], dict[str, Any]]:
     """The block plan of one density allocation: blocks chosen (and refined) within the budget the
     densities leave, the slack their coarse costs leave shifted back to the layers. The learned
@@ -291,7 +295,7 @@ def _candidate_plan(name: str, dens: torch.Tensor, g_block: torch.Tensor, learne
     return keep, [_floor(float(d)) if d < 1.0 else 1.0 for d in final], meta
 
 
-def _set_pruned(sn: Any, densities: list[float], cfg: DictConfig, distill: bool) -> dict[str, Any]:
+def _set_pruned(sn: BlockMaskSuperNet, densities: list[float], cfg: DictConfig, distill: bool) -> dict[str, Any]:
     """Prune the mask part at ``densities`` (nothing to prune when all are 1.0)."""
     if min(densities, default=1.0) >= 1.0:
         sn.pruned_model, sn.pruned_state = None, None
@@ -299,7 +303,7 @@ def _set_pruned(sn: Any, densities: list[float], cfg: DictConfig, distill: bool)
     return prune_mask_part(sn, densities, cfg, distill=distill)
 
 
-def split_search(g_block: torch.Tensor, learned: torch.Tensor, learned_keep: list[bool], sn: Any,
+def split_search(g_block: torch.Tensor, learned: torch.Tensor, learned_keep: list[bool], sn: BlockMaskSuperNet,
                  cfg: DictConfig) -> tuple[str, list[bool], list[float], dict[str, Any], dict[str, Any]]:
     """Measure the split of the budget between depth and sparsity.
 
@@ -352,7 +356,7 @@ def split_search(g_block: torch.Tensor, learned: torch.Tensor, learned_keep: lis
     return chosen, keep, densities, meta, info
 
 
-def extract_block_joint_plan(probs: torch.Tensor, sn: Any, cfg: DictConfig) -> Plan:
+def extract_block_joint_plan(probs: torch.Tensor, sn: BlockMaskSuperNet, cfg: DictConfig) -> Plan:
     """Learned probabilities -> kept blocks (refined) + densities (pruned) within ``search.target``.
 
     Without a mask part: the blocks chosen (and refined) within the budget. With one, the split of
@@ -389,14 +393,14 @@ def extract_block_joint_plan(probs: torch.Tensor, sn: Any, cfg: DictConfig) -> P
                 target=target, cost_ratio=round(sn.plan_cost(keep, densities), 6), meta=meta)
 
 
-def cost_split(sn: Any, keep: list[bool], densities: list[float]) -> dict[str, float]:
+def cost_split(sn: BlockMaskSuperNet, keep: list[bool], densities: list[float]) -> dict[str, float]:
     """Where the saving comes from: kept ratio with the block decisions alone, the densities alone, both."""
     return {"block_only": round(sn.plan_cost(keep, []), 4),
             "mask_only": round(sn.plan_cost([True] * len(sn.blocks), densities), 4),
             "both": round(sn.plan_cost(keep, densities), 4)}
 
 
-def subnet_of(sn: Any, plan: Plan) -> torch.nn.Module:
+def subnet_of(sn: BlockMaskSuperNet, plan: Plan) -> torch.nn.Module:
     """The SubNet a user would run: the pruned weights (or the dense ones) with the closed blocks
     physically removed (a closed gate is exactly the identity, so removal changes nothing else)."""
     from dipgo.postprocess.block_subnet import make_block_plan, remove_blocks
@@ -414,12 +418,12 @@ class BlockJointTask(JointTaskBase):
 
     variant = "block_mask"
 
-    def build(self, loaded: Any, cfg: DictConfig) -> Any:
+    def build(self, loaded: LoadedModel, cfg: DictConfig) -> Any:
         return build_block_joint(loaded, cfg)
 
-    def datamodule(self, loaded: Any, supernet: Any, cfg: DictConfig) -> Any:
+    def datamodule(self, loaded: LoadedModel, supernet: BlockMaskSuperNet, cfg: DictConfig) -> Any:
         return CalibrationDataModule(supernet.calibration_pool, cfg.data.batch_size, cfg.data.steps_per_epoch,
                                      cfg.seed, cfg.data.num_workers)
 
-    def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
+    def extract_plan(self, probs: torch.Tensor, supernet: BlockMaskSuperNet, cfg: DictConfig) -> Plan:
         return extract_block_joint_plan(probs, supernet, cfg)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -17,6 +17,10 @@ from torch import nn
 
 from dipgo.errors import ConfigError, one_of
 from dipgo.postprocess.plan import Plan
+
+if TYPE_CHECKING:
+    from dipgo.supernets.joint import JointSuperNet
+    from dipgo.supernets.joint_block import BlockMaskSuperNet
 
 
 def mask_config(cfg: DictConfig) -> Any:
@@ -96,7 +100,7 @@ def shift_densities(densities: torch.Tensor, free: torch.Tensor, min_density: fl
     return shifted(lo)
 
 
-def prune_mask_part(sn: Any, densities: list[float], cfg: DictConfig, distill: bool = True) -> dict[str, Any]:
+def prune_mask_part(sn: JointSuperNet | BlockMaskSuperNet, densities: list[float], cfg: DictConfig, distill: bool = True) -> dict[str, Any]:
     """Prune the masked layers of ``sn.dense_model`` (an unhooked copy) at ``densities``: OBS
     reconstruction and, with ``distill``, ``supernet.distill_steps`` of distillation. The pruned
     copy is kept as ``sn.pruned_model`` and its masked layers' parameters as ``sn.pruned_state``

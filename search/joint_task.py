@@ -16,7 +16,7 @@ the same code path alone, so a benchmark can compare the three at one budget.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -32,6 +32,10 @@ from dipgo.search.joint_common import (
     shift_densities,
 )
 from dipgo.search.registry import register_task
+
+if TYPE_CHECKING:
+    from dipgo.models.registry import LoadedModel
+    from dipgo.supernets.joint import JointSuperNet
 
 
 def plain_sampler(model: torch.nn.Module, reuse: Any) -> Any:
@@ -49,7 +53,7 @@ def plain_sampler(model: torch.nn.Module, reuse: Any) -> Any:
     return output_fn
 
 
-def build_joint(loaded: Any, cfg: DictConfig) -> Any:
+def build_joint(loaded: LoadedModel, cfg: DictConfig) -> Any:
     """Reuse gates + mask gates on ``loaded.model`` (a diffusion denoiser) as one SuperNet."""
     from dipgo.measure.macs import block_macs
     from dipgo.search.mask_task import calibration_batches
@@ -224,14 +228,14 @@ class JointTask(JointTaskBase):
 
     variant = None
 
-    def build(self, loaded: Any, cfg: DictConfig) -> Any:
+    def build(self, loaded: LoadedModel, cfg: DictConfig) -> Any:
         return build_joint(loaded, cfg)
 
-    def datamodule(self, loaded: Any, supernet: Any, cfg: DictConfig) -> Any:
+    def datamodule(self, loaded: LoadedModel, supernet: JointSuperNet, cfg: DictConfig) -> Any:
         from dipgo.search.reuse_task import calibration_pool
 
         return CalibrationDataModule(calibration_pool(loaded, cfg), cfg.data.batch_size, cfg.data.steps_per_epoch,
                                      cfg.seed, cfg.data.num_workers)
 
-    def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
+    def extract_plan(self, probs: torch.Tensor, supernet: JointSuperNet, cfg: DictConfig) -> Plan:
         return extract_joint_plan(probs, supernet, cfg)

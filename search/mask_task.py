@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -28,6 +28,10 @@ from dipgo.errors import ConfigError, one_of
 from dipgo.models.configured import load_configured_model
 from dipgo.postprocess.plan import Plan
 from dipgo.search.registry import register_task
+
+if TYPE_CHECKING:
+    from dipgo.models.registry import LoadedModel
+    from dipgo.supernets.mask import MaskSuperNet
 
 
 def gate_config(cfg: DictConfig) -> Any:
@@ -76,7 +80,7 @@ class MaskTask:
         if cfg.supernet.mask_temperature <= 0:
             raise ConfigError(f"supernet.mask_temperature must be > 0; got {cfg.supernet.mask_temperature}")
 
-    def build(self, loaded: Any, cfg: DictConfig) -> Any:
+    def build(self, loaded: LoadedModel, cfg: DictConfig) -> Any:
         from dipgo.errors import UnsupportedModelError
         from dipgo.models.io import output_fn_for
         from dipgo.postprocess.mask_plan import check_mask_target
@@ -98,13 +102,13 @@ class MaskTask:
             print(f"dipgo: {msg}")
         return supernet
 
-    def datamodule(self, loaded: Any, supernet: Any, cfg: DictConfig) -> Any:
+    def datamodule(self, loaded: LoadedModel, supernet: MaskSuperNet, cfg: DictConfig) -> Any:
         from dipgo.search.data import CalibrationDataModule
 
         return CalibrationDataModule(supernet.calibration_pool, cfg.data.batch_size, cfg.data.steps_per_epoch,
                                      cfg.seed, cfg.data.num_workers)
 
-    def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
+    def extract_plan(self, probs: torch.Tensor, supernet: MaskSuperNet, cfg: DictConfig) -> Plan:
         from dipgo.postprocess.mask_plan import extract_mask_plan
 
         return extract_mask_plan(probs, supernet, cfg.search.target, meta={"model_source": cfg.model.name})
@@ -117,7 +121,7 @@ class MaskTask:
         return path
 
 
-def export_subnet(subnet: nn.Module, plan: Plan, out: Path, loaded: Any) -> Path:
+def export_subnet(subnet: nn.Module, plan: Plan, out: Path, loaded: LoadedModel) -> Path:
     """The kernel SubNet as safetensors + JSON (with the tokenizer of an encoder, usable on its own)."""
     from dipgo.postprocess.mask_subnet import export_mask_subnet
 
@@ -127,7 +131,7 @@ def export_subnet(subnet: nn.Module, plan: Plan, out: Path, loaded: Any) -> Path
     return path
 
 
-def build_subnet(loaded: Any, supernet: Any, plan: Plan, cfg: DictConfig) -> tuple[nn.Module, dict, dict]:
+def build_subnet(loaded: LoadedModel, supernet: MaskSuperNet, plan: Plan, cfg: DictConfig) -> tuple[nn.Module, dict, dict]:
     """``(kernel SubNet, keep masks, conversion report)`` of ``plan`` (removes the gates)."""
     from dipgo.postprocess.mask_subnet import kernel_block, prune_with_plan, to_kernels
 

@@ -49,6 +49,9 @@ class SearchModule(pl.LightningModule):
         self.distortion_cfg: DistortionConfig = config_of(DistortionConfig, search_cfg.distortion)
         self.cost_cfg: CostConfig = config_of(CostConfig, search_cfg.cost)
         self.pruner = PrunerNetwork(supernet.slots, self.pruner_cfg, grid=getattr(supernet, "grid_shape", None))
+        prior = getattr(supernet, "prior_keep", None)  # the kind's static schedule at the target
+        if self.pruner_cfg.init == "prior" and prior is not None:
+            self.pruner.start_at(prior(self.target))
         self.controller = CostController(self.cost_cfg)
         self._ref_cache: dict[int, dict[str, torch.Tensor]] = {}
         self._pool, self._ref_chunk = pool, ref_chunk

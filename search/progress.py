@@ -9,11 +9,15 @@ expected cost beside it.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import TQDMProgressBar
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from dipgo.models.registry import LoadedModel
+    from dipgo.supernets.gates import SuperNet
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -45,7 +49,7 @@ class StepProgressBar(TQDMProgressBar):
         return {k: v for k, v in metrics.items() if k != "v_num"}
 
 
-def describe_search(cfg: Any, loaded: Any, supernet: Any) -> str:
+def describe_search(cfg: Any, loaded: LoadedModel, supernet: SuperNet) -> str:
     """One paragraph printed before the first pruner step: what is about to run.
 
     A search spends its first seconds caching the model's reference outputs and its first

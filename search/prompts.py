@@ -20,12 +20,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset
 
 from dipgo.search.data import _generator
+
+if TYPE_CHECKING:
+    from dipgo.models.registry import LoadedModel
 
 SPLITS = ("calibration", "evaluation", "all")
 EVAL_EVERY = 4  # prompt i is held out for evaluation when i % EVAL_EVERY == EVAL_EVERY - 1
@@ -304,7 +307,7 @@ def _vae_scale_factor(parts: Any) -> int:
     return 2 ** (len(channels) - 1) if channels else 8
 
 
-def prompt_pool(loaded: Any, size: int, seed: int, *, split: str = "calibration",
+def prompt_pool(loaded: LoadedModel, size: int, seed: int, *, split: str = "calibration",
                 prompts_file: str | None = None) -> PromptPool:
     """The :class:`PromptPool` of a loaded text-to-image pipeline's denoiser, on one prompt split."""
     from dipgo.models.registry import text_encoders

@@ -245,6 +245,20 @@ class PrunerNetwork(nn.Module):
         free = self.config.slot_logit_scale * self.slot_logit  # (N,)
         return logits + torch.stack([torch.zeros_like(free), free], dim=-1)  # (N, 2)
 
+    @torch.no_grad()
+    def start_at(self, keep: Tensor) -> None:
+        """Start each slot decided: kept slots at a keep-minus-close gap of ``+init_keep_logit``,
+        the others at ``-init_keep_logit`` (``keep``: ``(N,)`` booleans), through the free slot
+        logits. The network's head starts at ``+init_keep_logit`` everywhere, so a closed slot's
+        free logit starts at ``-2 * init_keep_logit / slot_logit_scale``."""
+        keep = torch.as_tensor(keep, dtype=torch.bool).reshape(-1)
+        if keep.numel() != self.num_slots:
+            raise ValueError(f"start_at needs one keep value per slot ({self.num_slots}); got {keep.numel()}")
+        if self.config.slot_logit_scale <= 0:
+            raise ValueError("pruner.init=prior needs the free slot logits (pruner.slot_logit_scale > 0)")
+        gap = -2.0 * self.config.init_keep_logit / self.config.slot_logit_scale
+        self.slot_logit.copy_(torch.where(keep, 0.0, gap).to(self.slot_logit))
+
     def regularizer(self, logits: Tensor) -> Tensor:
         """``logit_l2 * logit_penalty(logits)``: add it to the search loss (see ``PrunerConfig``)."""
         return self.config.logit_l2 * logit_penalty(logits)

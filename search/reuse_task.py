@@ -11,8 +11,9 @@ the plain diffusers model (reused blocks really skipped). Evaluation is the repo
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig
@@ -21,8 +22,13 @@ from torch.utils.data import Dataset
 from dipgo.models.configured import load_configured_model
 from dipgo.models.io import sample_spec, text_conditioned
 from dipgo.postprocess.plan import Plan
+from dipgo.search.config import config_of
 from dipgo.search.data import CalibrationDataModule, NoisePool, collate, map_tensors
 from dipgo.search.registry import register_task
+
+if TYPE_CHECKING:
+    from dipgo.models.registry import LoadedModel
+    from dipgo.supernets.reuse import ReuseSuperNet
 
 # The pool of the last search per denoiser: refine() only sees the SuperNet, and the prompt
 # embeddings are worth computing once (weak keys: a dropped model frees its pool).
@@ -57,7 +63,7 @@ def calibration_pool(loaded_or_model: Any, cfg: DictConfig) -> Dataset:
     return pool
 
 
-def reuse_config(cfg: DictConfig, loaded: Any) -> Any:
+def reuse_config(cfg: DictConfig, loaded: LoadedModel) -> Any:
     from dipgo.supernets.reuse import ReuseConfig
 
     scheduler_config = dict(loaded.scheduler.config) if getattr(loaded, "scheduler", None) is not None else None
@@ -76,7 +82,7 @@ def reuse_config(cfg: DictConfig, loaded: Any) -> Any:
     )
 
 
-def build_reuse_supernet(loaded: Any, cfg: DictConfig) -> Any:
+def build_reuse_supernet(loaded: LoadedModel, cfg: DictConfig) -> Any:
     """Reuse gates on ``loaded.model`` (a diffusers UNet or DiT), checked against the data kind;
     no budget check (a joint search spends the budget across kinds)."""
     from dipgo.errors import UnsupportedModelError
@@ -113,7 +119,7 @@ class ReuseTask:
     def validate(self, cfg: DictConfig) -> None:
         """Nothing beyond the checks every kind shares (:func:`dipgo.search.compose.validate_config`)."""
 
-    def build(self, loaded: Any, cfg: DictConfig) -> Any:
+    def build(self, loaded: LoadedModel, cfg: DictConfig) -> Any:
         """The reuse SuperNet, refused before training (so before any run folder exists) when a
         target cannot be reached: the floor (every block reused after step 0) is known once the
         per-block MACs are counted."""
@@ -129,11 +135,11 @@ class ReuseTask:
             raise
         return supernet
 
-    def datamodule(self, loaded: Any, supernet: Any, cfg: DictConfig) -> Any:
+    def datamodule(self, loaded: LoadedModel, supernet: ReuseSuperNet, cfg: DictConfig) -> Any:
         return CalibrationDataModule(calibration_pool(loaded, cfg), cfg.data.batch_size, cfg.data.steps_per_epoch,
                                      cfg.seed, cfg.data.num_workers)
 
-    def extract_plan(self, probs: torch.Tensor, supernet: Any, cfg: DictConfig) -> Plan:
+    def extract_plan(self, probs: torch.Tensor, supernet: ReuseSuperNet, cfg: DictConfig) -> Plan:
         from dipgo.postprocess.reuse_plan import extract_reuse_plan
 
         meta = {"scheduler": cfg.supernet.scheduler, "guidance_scale": cfg.supernet.guidance_scale,
@@ -160,7 +166,7 @@ class ReuseTask:
         return subnet.save(out)
 
 
-def refine(plan: Plan, probs: torch.Tensor, supernet: Any, cfg: DictConfig,
+def refine(plan: Plan, probs: torch.Tensor, supernet: ReuseSuperNet, cfg: DictConfig,
            sample_fn: Any = None) -> Plan:
     """The extracted plan refined on calibration data (see :mod:`dipgo.postprocess.reuse_refine`).
 
@@ -171,7 +177,7 @@ def refine(plan: Plan, probs: torch.Tensor, supernet: Any, cfg: DictConfig,
     from dipgo.postprocess.reuse_refine import RefineConfig, refine_grid, whole_steps_grid
 
     rc = cfg.search.refine
-    config = RefineConfig(enabled=True, max_evals=rc.max_evals, batch=rc.batch, seeds=tuple(rc.seeds))
+    config = replace(config_of(RefineConfig, rc), enabled=True)
     pool = calibration_pool(supernet.model, cfg)
     batch = collate([pool[i] for i in range(min(config.batch, len(pool)))])
     batch.pop("index")

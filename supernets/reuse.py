@@ -123,6 +123,13 @@ def skips_whole_steps(model: nn.Module, modes: Sequence[str], override: bool | N
     return step_free_head and all(m == "output" for m in modes)
 
 
+def whole_steps_rows(num_steps: int, target: float) -> set[int]:
+    """The K = round(target x S) evenly spaced steps at which every unit computes in the
+    "whole steps" schedule (a K-step sampler on the searched timesteps); step 0 is one."""
+    k = max(1, min(num_steps, round(target * num_steps)))
+    return {round(i * num_steps / k) for i in range(k)}
+
+
 def effective_grid(grid: torch.Tensor, graph: ConsumerGraph) -> torch.Tensor:
     """Keep probabilities after the dependency cascade, ``(S, B) -> (S, B)``.
 
@@ -510,6 +517,18 @@ class ReuseSuperNet:
         steps = [GateSlot(name=f"step{s:0{width}d}/{STEP_BLOCK}", kind="reuse", block=STEP_BLOCK,
                           cost=self._call_macs, step=s) for s in range(1, self.num_steps)]
         return units + steps
+
+    def whole_steps_rows(self, target: float) -> set[int]:
+        """The steps of this SuperNet's whole-steps schedule (see :func:`whole_steps_rows`)."""
+        return whole_steps_rows(self.num_steps, target)
+
+    def prior_keep(self, target: float) -> torch.Tensor:
+        """``(N,)`` slot keep decisions of the whole-steps schedule at ``target`` (step gates, if
+        any, open: the unit gates carry the schedule); the pruner's ``init=prior`` start."""
+        rows = self.whole_steps_rows(target)
+        keep = [s.step in rows for s in self.slots[: self.grid_shape[0] * self.grid_shape[1]]]
+        keep += [True] * (len(self.slots) - len(keep))
+        return torch.tensor(keep)
 
     def gate_grid(self, gates: torch.Tensor) -> torch.Tensor:
         """``(N,)`` slot-ordered gates (or an ``(S-1, B)`` grid) -> ``(S, B)`` grid with row 0 = 1.

@@ -14,7 +14,7 @@ from dipgo.search.pruner import PrunerNetwork
 from dipgo.supernets.gates import STEP_BLOCK
 from dipgo.supernets.reuse import ReuseConfig, apply_reuse
 from dipgo.supernets.sampling import make_model_fn, make_scheduler, sample
-from tests.conftest import tiny_reuse_supernet, unet_batch
+from tests.conftest import tiny_reuse_supernet
 
 
 def test_step_gates_add_one_slot_per_step_that_closes_the_row() -> None:
@@ -145,3 +145,25 @@ def test_step_gates_train_through_the_search(tiny_unet_dir, tmp_path) -> None:
     plan = Plan.load(result.run_dir / "plan.json")
     assert plan.cost_ratio <= cfg.search.target + 1e-9
     assert len(plan.compute) == cfg.supernet.num_steps
+
+
+def test_pruner_init_prior_starts_at_the_whole_steps_schedule() -> None:
+    from dipgo.search.pruner import keep_probs
+
+    _, sn = tiny_reuse_supernet(10, forecast_order=1)
+    keep = sn.prior_keep(0.3)  # K = 3 whole steps of 10: steps 0, 3, 7 (step 0 is never gated)
+    assert sn.whole_steps_rows(0.3) == {0, 3, 7}
+    rows = sorted({s.step for s, k in zip(sn.slots, keep.tolist()) if k})
+    assert rows == [3, 7]
+    cfg = PrunerConfig(d_model=16, num_heads=2, num_layers=1, init="prior")
+    pruner = PrunerNetwork(sn.slots, cfg, grid=sn.grid_shape)
+    pruner.start_at(keep)
+    probs = keep_probs(pruner(None))
+    assert bool((probs[keep] > 0.9).all()) and bool((probs[~keep] < 0.1).all())
+    # the start meets the budget: every 3rd-ish step whole, a closed UNet step is free
+    assert float(sn.expected_cost((probs > 0.5).double())) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="start_at needs one keep value per slot"):
+        pruner.start_at(keep[:-1])
+    with pytest.raises(ValueError, match="pruner.init must be one of all, prior; got 'warm'"):
+        PrunerConfig(init="warm")
+    sn.remove()
