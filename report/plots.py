@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +202,22 @@ def _finite_fidelity(values: list[float]) -> tuple[np.ndarray, float | None]:
     span = float(finite.max() - finite.min()) if finite.size > 1 else 1.0
     level = top + 0.1 * max(span, 1.0)
     return np.where(np.isposinf(y), level, y), level
+
+
+def cost_curves(series: Mapping[str, Sequence[tuple[float, float]]], path: str | Path, xlabel: str,
+                ylabel: str, title: str) -> Path:
+    """One line with markers per named series of ``(cost, value)`` points, sorted by cost: how
+    several methods trade cost for quality (e.g. joint search vs each gate kind alone)."""
+    fig, axes = _figure(figsize=(5.5, 3.8))
+    ax = axes[0, 0]
+    for name, points in series.items():
+        pts = sorted((float(c), float(v)) for c, v in points)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
 
 
 def pareto_plot(

@@ -61,23 +61,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    from dipgo.report.plots import cost_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name, kinds in KIND_SETS.items():
-        pts = sorted((r["cost_ratio"], r["psnr"]) for r in rows if r["kinds"] == kinds)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=name)
-    ax.set(xlabel="kept MACs of the 50-step trajectory", ylabel="PSNR vs full model (dB)",
-           title="digits DiT: joint reuse + sparsity vs each alone")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    series = {name: [(r["cost_ratio"], r["psnr"]) for r in rows if r["kinds"] == kinds]
+              for name, kinds in KIND_SETS.items()}
+    cost_curves(series, path, xlabel="kept MACs of the 50-step trajectory", ylabel="PSNR vs full model (dB)",
+                title="digits DiT: joint reuse + sparsity vs each alone")
 
 
 def main() -> None:

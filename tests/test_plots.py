@@ -123,3 +123,11 @@ def test_macs_pareto_plot_fronts(tmp_path: Path) -> None:
     _assert_png(macs_pareto_plot(points, tmp_path / "macs.png", full_fd=1.32))
     with pytest.raises(ValueError):
         macs_pareto_plot([], tmp_path / "none.png")
+
+
+def test_cost_curves_draws_each_series_and_skips_empty_ones(tmp_path: Path) -> None:
+    from dipgo.report.plots import cost_curves
+
+    out = cost_curves({"joint": [(0.3, 30.0), (0.2, 25.0)], "reuse": [(0.25, 27.0)], "mask": []},
+                      tmp_path / "c.png", xlabel="kept MACs", ylabel="PSNR", title="t")
+    assert out.stat().st_size > 1000
