@@ -14,6 +14,7 @@ _LAZY: dict[str, str] = {
     "extract_reuse_plan": "dipgo.postprocess.reuse_plan",
     "validate_plan": "dipgo.postprocess.reuse_plan",
     "install_plan": "dipgo.postprocess.reuse_subnet",
+    "enable": "dipgo.postprocess.reuse_subnet",
     "ReuseSubNet": "dipgo.postprocess.reuse_subnet",
     "check_plan_matches": "dipgo.postprocess.block_subnet",
     "export_block_subnet": "dipgo.postprocess.block_subnet",

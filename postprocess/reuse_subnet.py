@@ -30,7 +30,7 @@ from dipgo.postprocess.reuse_plan import check_plan_fits
 from dipgo.supernets import forecast
 from dipgo.supernets.adapters import ConsumerGraph, get_reuse_adapter
 from dipgo.supernets.reuse import ReuseHooks, StepState, cache_nbytes, effective_grid, skips_whole_steps
-from dipgo.supernets.sampling import make_model_fn, make_scheduler, sample
+from dipgo.supernets.sampling import make_model_fn, make_scheduler, sample, scheduler_name
 
 SUBNET_FORMAT = "dipgo.reuse_subnet"
 SUBNET_VERSION = 1
@@ -159,6 +159,27 @@ def install_plan(model: nn.Module, plan: Plan, num_steps: int | None = None,
     hooks = ReuseHooks(model, units)
     return ReusePlanHandle(model, plan, hooks, adapter.graph(model, units, granularity), reuse.forecast_order,
                            reuse.whole_step_skip)
+
+
+def enable(pipe: Any, plan: Plan) -> ReusePlanHandle:
+    """Install ``plan`` on a diffusers pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``).
+
+    The pipeline's scheduler must be the sampler the plan was searched on (``PlanError``
+    otherwise, one sentence); the step count is checked when the pipeline runs (a plan for S
+    steps refuses a trajectory longer than S). Returns the handle; ``handle.remove()`` restores
+    the pipeline exactly.
+    """
+    denoiser = next((getattr(pipe, a) for a in ("unet", "transformer") if isinstance(getattr(pipe, a, None), nn.Module)),
+                    None)
+    if denoiser is None:
+        raise PlanError(f"{type(pipe).__name__} has no unet or transformer to install a reuse plan on")
+    name = scheduler_name(getattr(pipe, "scheduler", None))
+    searched = (plan.meta or {}).get("scheduler")
+    if searched and name != searched:
+        given = name or type(getattr(pipe, "scheduler", None)).__name__
+        raise PlanError(f"plan was searched on the {searched} sampler but the pipeline's scheduler is {given}: "
+                        f"set pipe.scheduler to the {searched} scheduler or search a plan for {given}")
+    return install_plan(denoiser, plan)
 
 
 @dataclass

@@ -45,6 +45,12 @@ SCHEDULER_NAMES: tuple[str, ...] = tuple(_SCHEDULERS)
 COND_KEYS: tuple[str, ...] = ("class_labels", "encoder_hidden_states", "added_cond_kwargs")
 
 
+def scheduler_name(scheduler: Any) -> str | None:
+    """The short name of a diffusers scheduler instance (``ddim``, ``dpmsolver++``, ``unipc``,
+    ``euler``), or ``None`` for a class dipgo does not search with."""
+    return next((name for name, (cls, _) in _SCHEDULERS.items() if type(scheduler) is cls), None)
+
+
 def make_scheduler(name: str, base_config: Mapping[str, Any] | None = None, num_train_timesteps: int = 1000):
     """Build a fresh scheduler by short name.
 
