@@ -2,10 +2,11 @@
 
 :func:`install_plan` wraps the planned units of the model itself, so anything that calls the model
 (a diffusers pipeline, dipgo's sampling loop, user code) gets the SubNet. It needs to know the
-sampling step of each call: a forward pre-hook counts calls and starts a new trajectory whenever
-the timestep stops decreasing (or on ``handle.reset()``). That rule assumes one denoiser call per
-step (CFG batched in one call, as diffusers' pipelines do); pipelines that call the denoiser twice
-per step or second-order solvers (Heun) need explicit ``reset()`` handling and are not supported.
+sampling step of each call: a forward pre-hook counts calls, starts a new trajectory whenever the
+timestep goes up (or on ``handle.reset()``), and treats another call at the same timestep as
+another pass of the same step (separate cond and uncond calls), with its own caches. Solvers
+that call the denoiser at several timesteps per step (Heun) are not supported.
+:func:`enable` installs a plan on a whole diffusers pipeline.
 
 :class:`ReuseSubNet` bundles model + plan + scheduler settings and saves them as ``plan.json`` and
 ``subnet.json``; the weights stay the original model's (loaded from ``source``).
@@ -74,6 +75,10 @@ class ReusePlanHandle:
         self._post = model.register_forward_hook(self._after_call)
         hooks.on_remove(self._post.remove)
         self._outputs: forecast.History | None = None  # the model output's history
+        # Pipelines that call the denoiser more than once per step with the same timestep
+        # (separate cond and uncond passes) get one cache set per call index ("branch").
+        self._branch = 0
+        self._branches: dict[int, tuple[dict[int, Any], forecast.History | None]] = {}
         if skips_whole_steps(model, [u.mode for u in hooks.runtime.units], whole_step_skip):
             self._patch_whole_step_skip()
 
@@ -110,13 +115,20 @@ class ReusePlanHandle:
     def reset(self) -> None:
         """Start a new trajectory at the next call (drop the caches)."""
         self.step, self._last_t, self._caches, self._outputs = -1, None, {}, None
+        self._branch, self._branches = 0, {}
         self._hooks.runtime.state = None
 
     def _before_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         t = _timestep_value(args, kwargs, self._t_index)
-        if self._last_t is None or t >= self._last_t:
-            self.reset()  # timestep did not decrease: a new trajectory begins
-        self.step, self._last_t = self.step + 1, t
+        if self._last_t is None or t > self._last_t:
+            self.reset()  # the timestep went up: a new trajectory begins
+        self._branches[self._branch] = (self._caches, self._outputs)  # what the last call left
+        if self.step >= 0 and t == self._last_t:
+            self._branch += 1  # another call of the same step (e.g. the uncond pass): its own caches
+        else:
+            self.step, self._branch = self.step + 1, 0
+        self._last_t = t
+        self._caches, self._outputs = self._branches.get(self._branch, ({}, None))
         if self.step >= len(self._compute):
             raise PlanError(
                 f"the plan was made for {len(self._compute)} sampling steps but the denoiser is being called "

@@ -75,3 +75,43 @@ def test_enable_refuses_another_sampler_and_a_pipeline_without_denoiser() -> Non
         enable(pipe, plan)
     with pytest.raises(PlanError, match="^object has no unet or transformer"):
         enable(object(), plan)
+
+
+def test_separate_cond_and_uncond_calls_keep_separate_caches() -> None:
+    """A loop that calls the denoiser twice per step (cond, then uncond, same timestep) gives what
+    one batched CFG call per step gives: each pass reuses its own cached features."""
+    from diffusers import DDIMScheduler
+
+    from dipgo.postprocess.reuse_subnet import install_plan
+    from tests.conftest import tiny_reuse_supernet
+
+    model, sn = tiny_reuse_supernet(8, forecast_order=1)
+    blocks = len(sn.block_names)
+    compute = [[True] * blocks] + [[(b + s) % 3 != 0 for b in range(blocks)] for s in range(1, 8)]
+    plan = Plan(kind="reuse", model=sn.model_class, blocks=sn.block_names, compute=compute, target=1.0,
+                cost_ratio=sn.plan_cost(compute), num_steps=8,
+                meta={"granularity": "block", "mode": "auto", "modes": sn.modes, "forecast_order": 1})
+    sn.remove()
+    noise = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    cond, null = torch.tensor([1]), torch.tensor([2])
+
+    def run(batched: bool) -> torch.Tensor:
+        sched = DDIMScheduler()
+        sched.set_timesteps(8)
+        x = noise.clone()
+        for t in sched.timesteps:
+            if batched:
+                both = model(torch.cat([x, x]), t, class_labels=torch.cat([cond, null])).sample
+                eps_c, eps_u = both.chunk(2)
+            else:
+                eps_c = model(x, t, class_labels=cond).sample
+                eps_u = model(x, t, class_labels=null).sample
+            x = sched.step(eps_u + 3.0 * (eps_c - eps_u), t, x).prev_sample
+        return x
+
+    with torch.no_grad(), install_plan(model, plan):
+        batched, separate = run(True), run(False)
+    with torch.no_grad():
+        plain = run(False)
+    assert (separate - plain).abs().max() > 1e-3, "the plan reuses blocks: it must differ from the full model"
+    torch.testing.assert_close(separate, batched, rtol=0, atol=1e-4)
