@@ -12,6 +12,7 @@ block granularity on a small UNet at 20 steps one slot is well under 1% of the t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -157,6 +158,25 @@ def check_plan_fits(plan: Plan, model_class: str, blocks: list[str], num_steps: 
             f"plan was searched on the {searched} sampler but {scheduler} is used: sample with "
             f"supernet.scheduler={searched} or search a plan for {scheduler}"
         )
+
+
+def resample_grid(compute: Sequence[Sequence[bool]], num_steps: int) -> list[list[bool]]:
+    """A plan's ``steps x units`` grid stretched or shrunk to ``num_steps`` rows.
+
+    Step ``i`` of the new trajectory takes the row of the plan's step at the same fraction of the
+    trajectory (``round(i * (S - 1) / (N - 1))``), so early / late compute stays early / late;
+    step 0 stays all-compute. This is an approximation the user asks for (``resample=True``):
+    a plan searched for the step count in use is better, and the kept MACs change with the rows.
+    """
+    if num_steps < 1:
+        raise PlanError(f"cannot resample a plan to {num_steps} sampling steps")
+    rows = [list(r) for r in compute]
+    if num_steps == len(rows):
+        return rows
+    last = len(rows) - 1
+    grid = [rows[round(i * last / (num_steps - 1))] if num_steps > 1 else rows[0] for i in range(num_steps)]
+    grid[0] = [True] * len(rows[0])
+    return [list(r) for r in grid]
 
 
 def validate_plan(plan: Plan, supernet: ReuseSuperNet) -> None:

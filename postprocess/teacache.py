@@ -27,11 +27,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from diffusers.hooks.hooks import CacheContext
 from torch import nn
 
 from dipgo.errors import PlanError
 from dipgo.postprocess.plan import Plan, ReusePayload
-from dipgo.postprocess.reuse_subnet import ReusePlanHandle, _timestep_value
+from dipgo.postprocess.reuse_subnet import ReusePlanHandle
 from dipgo.supernets.adapters import ConsumerGraph, get_reuse_adapter
 from dipgo.supernets.reuse import ReuseHooks, StepState
 
@@ -90,22 +91,19 @@ class TeaCacheHandle(ReusePlanHandle):
         self._previous: torch.Tensor | None = None
         self._accumulated = 0.0
         self._width = len(plan.blocks)
-        super().__init__(model, plan, hooks, graph, 0)
-        self._compute = list(self._compute)  # rows are decided call by call
+        super().__init__(model, plan, hooks, graph, 0)  # rows are decided call by call
 
     def reset(self) -> None:
         super().reset()
         self._previous, self._accumulated = None, 0.0
 
-    def _before_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        t = _timestep_value(args, kwargs, self._t_index)
-        new_trajectory = self._last_t is None or t >= self._last_t
-        super()._before_call(module, args, kwargs)
-        if new_trajectory:
+    def _before_call(self, args: tuple[Any, ...], kwargs: dict[str, Any], context: CacheContext | None) -> None:
+        super()._before_call(args, kwargs, context)
+        if self.current_step == 0 and self._pass == 0:  # a new trajectory
             self.grids.append([])
         with torch.no_grad():
             current = self._indicator(args, kwargs)
-        last = self.step in (0, len(self._compute) - 1)
+        last = self.current_step in (0, len(self._compute) - 1)
         if self._previous is not None:
             self._accumulated += _rel_l1(current, self._previous)
         compute = last or self._previous is None or self._accumulated >= self.threshold
@@ -113,9 +111,10 @@ class TeaCacheHandle(ReusePlanHandle):
             self._accumulated = 0.0
         self._previous = current
         row = tuple([compute] * self._width)
-        self._compute[self.step] = row
+        self._compute[self.current_step] = row
         self.grids[-1].append(list(row))
-        self._hooks.runtime.state = StepState(hard=True, compute=row, caches=self._caches, step=self.step, order=0)
+        self._hooks.runtime.state = StepState(hard=True, compute=row, caches=self._caches, step=self.current_step,
+                                              order=0)
 
 
 def install_teacache(model: nn.Module, num_steps: int, threshold: float, granularity: str = "block",

@@ -9,8 +9,8 @@ gates. Slots are step-major: slot ``(s - 1) * B + b`` is ``"step{s}/{unit}"``.
 Hard gates skip work: a reused unit is not executed, and units whose output is read only by
 reused units are skipped too (the dependency cascade; see :func:`effective_grid`). Training uses
 the same *effective* gate in its soft mix, so what the pruner optimises is exactly what the
-SubNet later runs. Wrapping swaps the units' ``forward`` for a closure and restores it exactly on
-removal, like diffusers' hook registry, so the model stays a plain diffusers model.
+SubNet later runs. Each unit's forward goes through a hook in diffusers' ``HookRegistry``
+(:mod:`dipgo.supernets.hooks`), removed exactly, so the model stays a plain diffusers model.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from dipgo.models.io import null_class_for
 from dipgo.supernets import forecast
 from dipgo.supernets.adapters import ConsumerGraph, ReuseUnit, get_reuse_adapter
 from dipgo.supernets.gates import STEP_BLOCK, GateSlot, freeze
+from dipgo.supernets.hooks import ForwardHook, attach
 from dipgo.supernets.sampling import SCHEDULER_NAMES, make_model_fn, make_scheduler, model_inputs, sample
 
 
@@ -345,34 +346,14 @@ def cache_nbytes(caches: Mapping[int, Any]) -> int:
     return total
 
 
-class _ForwardPatch:
-    """Replace ``module.forward`` by ``runtime.call(idx, original, ...)`` and undo it exactly."""
-
-    def __init__(self, module: nn.Module, idx: int, runtime: ReuseRuntime) -> None:
-        self.module = module
-        self._had_own = "forward" in module.__dict__
-        self._own = module.__dict__.get("forward")
-        original = module.forward
-
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return runtime.call(idx, original, args, kwargs)
-
-        self._forward = forward
-        module.forward = forward
-
-    def remove(self) -> None:
-        if self.module.__dict__.get("forward") is not self._forward:
-            raise RuntimeError(
-                f"the forward of {type(self.module).__name__} was replaced by another hook after dipgo's; "
-                "remove that hook first"
-            )
-        if self._had_own:
-            self.module.forward = self._own
-        else:
-            del self.module.forward
-
-
 _INSTALLED: weakref.WeakKeyDictionary[nn.Module, ReuseHooks] = weakref.WeakKeyDictionary()
+
+
+def _unit_forward(runtime: ReuseRuntime, idx: int) -> Callable[[Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]:
+    def forward(original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return runtime.call(idx, original, args, kwargs)
+
+    return forward
 
 
 class ReuseHooks:
@@ -385,7 +366,8 @@ class ReuseHooks:
             )
         self.model = model
         self.runtime = ReuseRuntime(units)
-        self._patches = [_ForwardPatch(u.module, i, self.runtime) for i, u in enumerate(units)]
+        self._patches = [attach(u.module, "reuse_unit", ForwardHook(_unit_forward(self.runtime, i)))
+                         for i, u in enumerate(units)]
         self._extra_removers: list[Callable[[], None]] = []
         _INSTALLED[model] = self
 
@@ -396,8 +378,8 @@ class ReuseHooks:
     def remove(self) -> None:
         if _INSTALLED.get(self.model) is not self:
             return
-        for patch in reversed(self._patches):
-            patch.remove()
+        for remove in reversed(self._patches):
+            remove()
         for fn in reversed(self._extra_removers):
             fn()
         self.runtime.state = None

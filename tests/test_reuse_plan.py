@@ -140,7 +140,7 @@ def test_install_plan_in_ddim_pipeline() -> None:
     assert torch.equal(run(), full)
     with install_plan(unet, plan) as handle, pytest.raises(PlanError, match="made for 8 sampling steps"):
         pipe(batch_size=1, num_inference_steps=steps + 2, output_type="pt")
-    assert handle.step == steps and all("forward" not in m.__dict__ for m in unet.modules())
+    assert handle.current_step == steps and all("forward" not in m.__dict__ for m in unet.modules())
 
 
 def test_plain_loop_matches_pipeline_for_ddim() -> None:
