@@ -215,7 +215,12 @@ def test_pixart_alpha_matches_the_hand_reference() -> None:
 
 
 def _wan() -> Any:
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
 
     torch.manual_seed(0)
     transformer = WanTransformer3DModel(

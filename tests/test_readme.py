@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -27,3 +28,6 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert tuple(images.shape) == (8, 1, 16, 16)
     assert (tmp_path / "runs" / "digits_unet_reuse").is_dir()
     assert len(namespace["reloaded"].blocks) == 3  # the depth example: 3 of 6 ViT blocks exported
+    guided = namespace["x"]  # the hand-written CFG loop with handle.step(i)
+    assert tuple(guided.shape) == (8, 1, 16, 16) and bool(torch.isfinite(guided).all())
+    assert not (guided == namespace["batch"]["noise"]).all()
