@@ -12,12 +12,26 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from dipgo.errors import ModelLoadError
 from dipgo.models.registry import REFERENCE_DIR, LoadedModel, load_model
 
 
 def load_configured_model(cfg: DictConfig) -> LoadedModel:
-    """Load ``cfg.model`` (name, folder or hub id, optional subfolder) through dipgo's registry."""
-    return load_model(cfg.model.name, **({"subfolder": cfg.model.subfolder} if cfg.model.subfolder else {}))
+    """Load ``cfg.model`` (name, folder or hub id, optional subfolder) through dipgo's registry,
+    with ``cfg.model.lora`` applied when one is named (``extra["lora"]`` says what was applied)."""
+    loaded = load_model(cfg.model.name, **({"subfolder": cfg.model.subfolder} if cfg.model.subfolder else {}))
+    source = cfg.model.get("lora")
+    if source:
+        from dipgo.models.lora import apply_lora
+
+        fuse = bool(cfg.model.get("lora_fuse", True))
+        if not fuse and not loaded.kind.startswith("diffusion"):
+            raise ModelLoadError(
+                f"model.lora_fuse=false is for diffusion denoisers only; a {loaded.kind}'s SubNet is exported as "
+                "plain weights, so its LoRA must be fused (model.lora_fuse=true)."
+            )
+        loaded.extra["lora"] = apply_lora(loaded.model, source, scale=float(cfg.model.get("lora_scale", 1.0)), fuse=fuse)
+    return loaded
 
 
 def model_source(loaded: LoadedModel) -> dict[str, Any]:

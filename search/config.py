@@ -131,6 +131,9 @@ class ModelConfig:
     name: str = "digits_unet"  # reference name (digits_unet, digits_dit, ...), local folder, or hub id
     subfolder: str | None = None  # e.g. "unet" for a diffusers pipeline folder
     dtype: str = "float32"  # float32 | float16 | bfloat16 (the search itself runs in float32 on CPU)
+    lora: str | None = None  # a LoRA to search with: peft adapter folder or diffusers LoRA .safetensors (dipgo.models.lora)
+    lora_scale: float = 1.0  # strength of that LoRA (peft's scaling times this)
+    lora_fuse: bool = True  # merge the LoRA into the weights (a plain model; the plan applies unfused too)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from dipgo.errors import ConfigError
 from dipgo.files import write_bytes_atomic, write_json_atomic
 from dipgo.models.configured import load_configured_model
+from dipgo.models.lora import lora_summary
 from dipgo.postprocess.plan import Plan
 from dipgo.report.kinds import get_reporter
 from dipgo.search.budget import budget_plans
@@ -205,6 +206,8 @@ def run_search(
     probs = module.keep_probabilities()
     plan = task.extract_plan(probs, supernet, cfg)
     plan.meta.update({"recipe": cfg.recipe_name, "seed": cfg.seed, "search_seconds": round(search_s, 2)})
+    if loaded.extra.get("lora") is not None:
+        plan.meta["lora"] = lora_summary(loaded.extra["lora"])  # what the plan was searched on
     if not trainer.is_global_zero:
         return RunResult(run_dir, plan, {})
     plan.save(run_dir / "plan.json")
@@ -215,7 +218,8 @@ def run_search(
     reporter = get_reporter(cfg.supernet.kind, task.variant)
     report, plots = reporter.evaluate(loaded, supernet, plan, cfg, run_dir)
     say(f"dipgo search: report done in {format_duration(time.perf_counter() - t2)}", flush=True)
-    report = {"recipe": cfg.recipe_name, "run_dir": str(run_dir), "search_seconds": round(search_s, 2), **report}
+    report = {"recipe": cfg.recipe_name, "run_dir": str(run_dir), "search_seconds": round(search_s, 2),
+              "lora": lora_summary(loaded.extra.get("lora")), **report}
     if extra:
         report["budget_plans"] = {f"{t:g}": {"cost_ratio": p.cost_ratio, "path": f"plans/target_{t:g}.json"} for t, p in extra.items()}
     report["plots"] = {k: str(Path(p).relative_to(run_dir)) for k, p in plots.items()}
