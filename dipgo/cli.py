@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=16, help="samples per call")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=None, help="write the result JSON here (default: <run_dir>/bench.json)")
+    p.add_argument("--compile", action="store_true",
+                   help="reuse plans: also time both under regional torch.compile (inductor) and print graph breaks")
 
     p = sub.add_parser("report", help="summarise and plot a run, or a folder of runs (table + Pareto plot)")
     p.add_argument("path", help="a run directory, or a folder containing run directories")

@@ -94,7 +94,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     cfg, plan, run_dir = _load_run(args.run_dir)
     reporter = get_reporter(plan.kind, get_task(plan.kind, cfg).variant)
-    result = reporter.bench(cfg, plan, runs=args.runs, warmup=args.warmup, batch=args.batch, threads=args.threads)
+    extra = {}
+    if getattr(args, "compile", False):
+        if plan.kind != "reuse":
+            raise ConfigError(f"--compile is for reuse plans (regional compile of the gated blocks); this plan is {plan.kind!r}")
+        extra["compile"] = True
+    result = reporter.bench(cfg, plan, runs=args.runs, warmup=args.warmup, batch=args.batch, threads=args.threads, **extra)
     out = Path(args.out) if args.out else run_dir / "bench.json"
     write_json_atomic(out, result)
     for line in reporter.bench_lines(result):

@@ -19,6 +19,7 @@ interleaved runs in one process, so speedups are ratios measured under the same 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -486,8 +487,10 @@ def _fmt(value: Any, spec: str) -> str:
     return format(value, spec)
 
 
-def bench_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None) -> dict[str, Any]:
-    """Time a saved plan against its full model (``dipgo bench``)."""
+def bench_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: int, threads: int | None,
+               compile: bool = False) -> dict[str, Any]:
+    """Time a saved plan against its full model (``dipgo bench``); ``compile`` adds the same two
+    under regional ``torch.compile`` (inductor) and dynamo's counts (see :func:`_bench_compiled`)."""
     from dipgo.models.configured import load_configured_model
     from dipgo.search.reuse_task import ReuseTask
 
@@ -503,9 +506,13 @@ def bench_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: in
     run = _sampler(loaded.model, cfg, sched_cfg)
     steps = int(plan.num_steps)
     planned = _plan_runner(run, loaded.model, plan, steps)
-    lat = compare_latency({"full": lambda: run(b, steps), "dipgo": lambda: planned(b)},
-                          warmup=warmup, runs=runs, threads=threads)
-    return {
+    fns = {"full": lambda: run(b, steps), "dipgo": lambda: planned(b)}
+    compiled: dict[str, Any] = {}
+    if compile:
+        compiled, extra_fns = _bench_compiled(loaded.model, cfg, sched_cfg, plan, b, steps)
+        fns.update(extra_fns)
+    lat = compare_latency(fns, warmup=warmup, runs=runs, threads=threads)
+    result = {
         "model": type(loaded.model).__name__,
         "num_steps": steps,
         "batch": batch,
@@ -513,16 +520,94 @@ def bench_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: in
         "latency": {k: v.to_dict() for k, v in lat.items()},
         "speedup": speedup(lat["full"], lat["dipgo"]),
     }
+    if compile:
+        compiled["speedup"] = speedup(lat["full_compiled"], lat["dipgo_compiled"])
+        compiled["full_compiled_vs_full"] = speedup(lat["full"], lat["full_compiled"])
+        compiled["dipgo_compiled_vs_full"] = speedup(lat["full"], lat["dipgo_compiled"])
+        compiled["steady_state_compilations"] = _steady_compilations(compiled.pop("_blocks"), fns, steps)
+        result["compile"] = compiled
+    return result
+
+
+def _bench_compiled(model: torch.nn.Module, cfg: DictConfig, sched_cfg: dict | None, plan: Plan,
+                    b: dict[str, Any], steps: int) -> tuple[dict[str, Any], dict[str, Callable[[], Any]]]:
+    """The full model and the plan on a copy of the model with its blocks compiled (inductor).
+
+    First, for contrast, dynamo alone (``backend="eager"``, no code generated) on the *whole*
+    denoiser, which is what a user gets from ``torch.compile(unet)`` with the plan's hooks inside.
+    Then the regional compile dipgo recommends: the first run of each variant compiles and is
+    timed as compile time; the later, timed runs must compile nothing (checked afterwards).
+    """
+    import copy
+
+    import torch._dynamo
+
+    from dipgo.postprocess.compile import compile_blocks, compile_stats
+
+    whole: dict[str, Any] = {}
+    twin = copy.deepcopy(model)
+    run_twin = _sampler(twin, cfg, sched_cfg)
+    planned_twin = _plan_runner(run_twin, twin, plan, steps)
+    torch._dynamo.reset()
+    twin.compile(backend="eager", dynamic=False)
+    for name, fn in (("full", lambda: run_twin(b, steps)), ("dipgo", lambda: planned_twin(b))):
+        with compile_stats(steps) as stats, torch.inference_mode():
+            fn()
+        whole[name] = {**stats[0].to_dict(), "graph_breaks_per_step": stats[0].graph_breaks / steps}
+    twin._compiled_call_impl = None  # back to eager; the regional compile below starts from scratch
+    torch._dynamo.reset()
+
+    blocks = compile_blocks(twin)
+    regional: dict[str, Any] = {"blocks": len(blocks.names)}
+    fns = {"full_compiled": lambda: run_twin(b, steps), "dipgo_compiled": lambda: planned_twin(b)}
+    for name, fn in fns.items():
+        t0 = time.perf_counter()
+        with compile_stats(steps, blocks) as stats, torch.inference_mode():
+            fn()
+        regional[name] = {**stats[0].to_dict(), "first_run_s": round(time.perf_counter() - t0, 2)}
+    return {"whole_model_dynamo": whole, "regional": regional, "_blocks": blocks}, fns
+
+
+def _steady_compilations(blocks: Any, fns: dict[str, Callable[[], Any]], steps: int) -> int:
+    """Graphs compiled by one more run of each compiled variant after the timing: 0 in a steady state."""
+    from dipgo.postprocess.compile import compile_stats
+
+    total = 0
+    for name in ("full_compiled", "dipgo_compiled"):
+        with compile_stats(steps, blocks) as stats, torch.inference_mode():
+            fns[name]()
+        total += stats[0].graphs
+    blocks.remove()
+    return total
 
 
 def bench_lines(result: dict[str, Any]) -> list[str]:
     full, sub = result["latency"]["full"], result["latency"]["dipgo"]
-    return [
+    lines = [
         f"{result['model']}, {result['num_steps']} steps, batch {result['batch']}, {full['threads']} threads, median of {full['runs']} runs",
         f"full  {full['median_s'] * 1e3:9.1f} ms",
         f"dipgo {sub['median_s'] * 1e3:9.1f} ms   ({result['macs_ratio']:.1%} of MACs)",
         f"speedup {result['speedup']:.2f}x",
     ]
+    c = result.get("compile")
+    if c:
+        lat, reg, whole = result["latency"], c["regional"], c["whole_model_dynamo"]
+        lines += [
+            f"torch.compile, regional (inductor, {reg['blocks']} blocks, fullgraph):",
+            f"full  {lat['full_compiled']['median_s'] * 1e3:9.1f} ms   ({c['full_compiled_vs_full']:.2f}x eager full; "
+            f"first run {reg['full_compiled']['first_run_s']:.1f} s compiling {reg['full_compiled']['graphs']} graphs)",
+            f"dipgo {lat['dipgo_compiled']['median_s'] * 1e3:9.1f} ms   ({c['dipgo_compiled_vs_full']:.2f}x eager full; "
+            f"first run {reg['dipgo_compiled']['first_run_s']:.1f} s compiling {reg['dipgo_compiled']['graphs']} more)",
+            f"speedup compiled dipgo vs compiled full {c['speedup']:.2f}x",
+            f"graph breaks inside the compiled blocks: {reg['full_compiled']['graph_breaks'] + reg['dipgo_compiled']['graph_breaks']} "
+            f"(fullgraph); compiled blocks entered per step: "
+            f"full {reg['full_compiled']['compiled_calls_per_step']:.1f}, dipgo {reg['dipgo_compiled']['compiled_calls_per_step']:.1f}; "
+            f"graphs compiled after warm-up: {c['steady_state_compilations']}",
+            f"whole-model torch.compile (dynamo only, for contrast), first trajectory: full {whole['full']['graph_breaks']} "
+            f"graph breaks / {whole['full']['graphs']} graphs, dipgo {whole['dipgo']['graph_breaks']} / "
+            f"{whole['dipgo']['graphs']} ({whole['dipgo']['graph_breaks_per_step']:.1f} breaks per step)",
+        ]
+    return lines
 
 
 register_functions("reuse", evaluate=evaluate_reuse, summary_lines=summary_lines, bench=bench_plan, bench_lines=bench_lines)
