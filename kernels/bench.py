@@ -25,6 +25,7 @@ from dipgo.kernels.layout import DEFAULT_BLOCK, BlockSparseWeight, block_mask_fr
 from dipgo.kernels.ops import block_sparse_linear
 from dipgo.kernels.reference import activate, reference_block_sparse_linear
 from dipgo.measure.latency import compare_latency
+from dipgo.measure.machine import SIMD_FLAGS, cpu_model
 
 # GitHub issues 5 and 14: speed-up over the fastest dense path at 2 threads the CPU kernel must reach.
 TARGET_SPEEDUPS = {0.5: 1.5, 0.7: 2.5, 0.9: 6.0}
@@ -146,16 +147,6 @@ def bench_point(
     )
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
     """Fraction of all CPUs busy over ``seconds`` (Linux ``/proc/stat``), sampled while this
     process sleeps: what other jobs use. The load average lags by minutes; this does not."""
@@ -187,8 +178,6 @@ def _cpu_numbers() -> dict[str, str]:
     return out
 
 
-SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16",
-              "avx512_vnni", "amx_tile")
 
 
 def machine_info() -> dict[str, Any]:

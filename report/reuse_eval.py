@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from dipgo.measure.latency import compare_latency, speedup
+from dipgo.measure.machine import machine_record
 from dipgo.postprocess.plan import Plan
 from dipgo.report.registry import register_functions
 from dipgo.search.data import map_tensors
@@ -513,6 +514,7 @@ def bench_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: in
         fns.update(extra_fns)
     lat = compare_latency(fns, warmup=warmup, runs=runs, threads=threads)
     result = {
+        "machine": machine_record(),
         "model": type(loaded.model).__name__,
         "num_steps": steps,
         "batch": batch,
