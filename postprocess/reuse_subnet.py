@@ -293,8 +293,9 @@ def _refuse_multi_evaluation(scheduler: Any) -> None:
         )
 
 
-def enable(pipe: Any, plan: Plan, resample: bool = False) -> ReusePlanHandle:
-    """Install ``plan`` on a diffusers pipeline's denoiser (``pipe.unet`` or ``pipe.transformer``).
+def enable(pipe: Any, plan: Plan | str | Path, resample: bool = False) -> ReusePlanHandle:
+    """Install ``plan`` (a Plan, or the path of a ``plan.json``) on a diffusers pipeline's
+    denoiser (``pipe.unet`` or ``pipe.transformer``); also ``dipgo.enable``.
 
     The pipeline's scheduler must be the sampler the plan was searched on (``PlanError``
     otherwise, one sentence), and its ``timesteps`` give each call's step, so a pipeline run with
@@ -303,6 +304,10 @@ def enable(pipe: Any, plan: Plan, resample: bool = False) -> ReusePlanHandle:
     ``transformer_2``) and Heun-like solvers are refused. Returns the handle;
     ``handle.remove()`` restores the pipeline exactly.
     """
+    if not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    if plan.kind != "reuse":
+        raise PlanError(f"enable installs reuse plans on a pipeline; this plan is {plan.kind!r}")
     denoiser = next((getattr(pipe, a) for a in ("unet", "transformer") if isinstance(getattr(pipe, a, None), nn.Module)),
                     None)
     if denoiser is None:

@@ -323,3 +323,17 @@ def test_plan_hooks_live_in_the_diffusers_registry_and_compose(tiny_sd_dir: Path
         assert set(mid.hooks) == {"count"}
         mid.remove_hook("count")
         assert torch.equal(_latents(pipe, **_sd_call()), plain)
+
+
+def test_top_level_enable_takes_a_plan_json(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    import dipgo
+
+    pipe = _sd(tiny_sd_dir)
+    plan = _plan(pipe.unet, STEPS, _deep_every(3, UNET_DEEP), scheduler="ddim")
+    plan.save(tmp_path / "plan.json")
+    with enable(pipe, plan):
+        expected = _latents(pipe, **_sd_call())
+    with dipgo.enable(pipe, tmp_path / "plan.json"):
+        assert torch.equal(_latents(pipe, **_sd_call()), expected)
+    with pytest.raises(PlanError, match="nothing at .*missing.json: expected a plan.json"):
+        dipgo.enable(pipe, tmp_path / "missing.json")
