@@ -60,8 +60,9 @@ def describe_search(cfg: Any, loaded: LoadedModel, supernet: SuperNet) -> str:
     target = float(cfg.search.target)
     budget = "kept density" if cfg.supernet.kind == "mask" else ("kept latency" if cfg.supernet.cost == "latency" else "kept MACs")
     model = f"{type(loaded.model).__name__} ({cfg.model.name})"
-    if loaded.extra.get("lora") is not None:
-        model += f" with {loaded.extra['lora'].describe()}"
+    lora = (getattr(loaded, "extra", None) or {}).get("lora")
+    if lora is not None:
+        model += f" with {lora.describe()}"
     sampler = ""
     if cfg.supernet.kind in ("reuse", "joint") and str(loaded.kind).startswith("diffusion"):
         sampler = f", {cfg.supernet.num_steps}-step {cfg.supernet.scheduler} sampling"
