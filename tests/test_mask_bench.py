@@ -78,11 +78,17 @@ def test_bench_mask_plan_on_kernels(pattern: str, bert: Path, tmp_path: Path, mo
 
 def test_bench_mask_plan_keeps_layers_dense_where_kernels_do_not_pay(bert: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import dipgo.kernels.decide as decide
+
     monkeypatch.setenv("DIPGO_CACHE", str(tmp_path / "cache"))
+    # whether the kernel pays on these 32-wide layers depends on the CPU and its load: make the
+    # timings say it does not (the property under test is what conversion does then)
+    monkeypatch.setattr(decide, "estimated_speedup", lambda *a, **k: 1.0)
+    monkeypatch.setattr(decide, "default_timer", lambda fns: {n: 2.0 if n == "kernel" else 1.0 for n in fns})
     run_dir = mask_run_dir(bert, tmp_path, "rowblock16")
     out = tmp_path / "bench.json"
     assert main(["bench", str(run_dir), "--runs", "1", "--warmup", "0", "--batch", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["kernel_layers"] == 0 and result["masked_layers"] > 0  # 32-wide layers: dense with zeros
+    assert result["kernel_layers"] == 0 and result["masked_layers"] > 0  # measured slower: dense with zeros
     assert all(r["reason"].endswith(": dense") for r in result["conversion"].values())
     assert result["max_abs_diff"] == 0.0 and result["speedup"] > 0
