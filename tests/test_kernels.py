@@ -535,6 +535,34 @@ def test_each_isa_build_matches_reference(isa, monkeypatch):
                 assert_matches_reference(torch.randn(tokens, in_f, generator=gen), packed, bias, act)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_streaming_stores_and_small_row_chunks_match_reference(isa, monkeypatch):
+    """Outputs over half the L3 are streamed and row chunks shrink to fit L2: force both on
+    small shapes (the thresholds come from this machine's caches) and compare to the reference."""
+    if not native.cpu_can_run(isa) or native._compiler() is None:
+        pytest.skip(f"the {isa} build cannot be built or run here")
+    monkeypatch.setenv(native.ISA_ENV, isa)
+    kernel = native.load()
+    assert kernel is not None and kernel.isa == isa
+    monkeypatch.setattr(native, "L3_BYTES", 0)  # every output streamed
+    monkeypatch.setattr(native, "L2_BYTES", 4 * 1024 * 4)  # chunks of one tile for K >= 1024
+    assert kernel.row_chunk(300, 3, 32, 2, 1024) == kernel.tile_rows[32]
+    gen = torch.Generator().manual_seed(3)
+    for out_f, in_f, block in [(96, 64, (32, 16)), (96, 1024, (32, 32)), (64, 2048, (16, 64)), (128, 96, (64, 8))]:
+        _, packed = random_block_sparse(out_f, in_f, 0.5, block, seed=in_f + 1)
+        bias = torch.randn(out_f, generator=gen)
+        for tokens in (1, 13, 300):
+            for act in ACTS:
+                assert_matches_reference(torch.randn(tokens, in_f, generator=gen), packed, bias, act)
+        # a y whose rows are not vector-aligned (a column slice of a wider buffer) is stored plainly
+        x = torch.randn(37, in_f, generator=gen)
+        wide = torch.full((37, out_f + 3), float("nan"))
+        out = wide[:, 3:]
+        kernel.forward(x, packed.values, packed.col_indices, packed.row_ptr, bias, "relu", out)
+        torch.testing.assert_close(out.double(), _reference64(x, packed, bias, "relu"), rtol=1e-4, atol=1e-5)
+        assert wide[:, :3].isnan().all()
+
+
 def test_avx2_build_has_no_avx512_instructions(tmp_path):
     """The forced AVX2 build must really be AVX2 code (no zmm register anywhere)."""
     cxx, objdump = native._compiler(), shutil.which("objdump")

@@ -18,14 +18,27 @@
 // A block row wider than the panel is done panel by panel while the tile's x rows stay in L1.
 // Bias and activation are applied to the registers before the single store (no second pass over
 // y). Work items are (row chunk, block row) pairs, scheduled dynamically so block rows with more
-// kept blocks do not stall a thread.
+// kept blocks do not stall a thread; the caller sizes row chunks so their rows of x fit in L2.
+//
+// Three measured refinements (GitHub issue 14; timings in docs/RESULTS.md):
+//  - bk = 32 is a compile-time constant in its own instantiation (the short k loops of a sparse
+//    block row unroll: ~10 % at 70-90 % sparsity);
+//  - when the tile's x rows alias in L1 (K a multiple of 1024 on AVX-512 tiles), the kept blocks'
+//    x slices are packed contiguously per tile first (3072->768: +10-20 %);
+//  - a y too large to stay cached (the caller decides) is written with streaming stores, which skip
+//    the read-for-ownership of every line (768->3072 at 2048 tokens, 90 %: 7.5 -> 5.5 ms).
 //
 // The ISA is the compiler's target (-march=x86-64-v4 / -v3, chosen by dipgo/kernels/native.py from
 // the CPU or DIPGO_KERNEL_ISA); dipgo_bsl_isa() reports what was really compiled, so a compiler that
 // silently ignored the flags is caught by the loader. Plain C ABI, no torch headers: compiles in
 // about a second and is called through ctypes.
 
+#include <cstddef>
 #include <cstdint>
+#include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #define DIPGO_ISA 2
@@ -93,11 +106,16 @@ static inline vf activate(vf v, int act) {
 }
 
 // One MR x (NV * VL) tile of y over the nb kept blocks of a block row. ``vals`` points at the
-// panel's first column in block 0; ldw (= bn) is the k-row stride inside a block.
-template <int MR, int NV>
+// panel's first column in block 0; ldw (= bn) is the k-row stride inside a block. Block b's x slice
+// starts at x + cols[b] * bk (x itself, rows ldx apart) or, when cols is null, at x + b * MR * bk
+// (a packed copy, rows bk apart). BK > 0 fixes bk at compile time (the common 32: the k loop
+// unrolls and its bounds fold, ~10 % at high sparsity where the loop is short).
+template <int MR, int NV, int BK>
 static inline void micro_kernel(const float* __restrict x, int64_t ldx, const float* __restrict vals,
                                 const int32_t* __restrict cols, int64_t nb, int64_t bk, int64_t ldw,
-                                float* __restrict y, int64_t ldy, const float* __restrict bias, int act) {
+                                float* __restrict y, int64_t ldy, const float* __restrict bias, int act,
+                                bool stream) {
+  if (BK) bk = BK;
   vf acc[MR][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
@@ -105,8 +123,9 @@ static inline void micro_kernel(const float* __restrict x, int64_t ldx, const fl
     for (int v = 0; v < NV; ++v) acc[r][v] = (vf){};
   const int64_t block_size = bk * ldw;
   for (int64_t b = 0; b < nb; ++b) {
-    const float* xp = x + (int64_t)cols[b] * bk;
+    const float* xp = cols ? x + (int64_t)cols[b] * bk : x + b * MR * bk;
     const float* wp = vals + b * block_size;
+#pragma GCC unroll 8
     for (int64_t kk = 0; kk < bk; ++kk) {
       vf w[NV];
 #pragma GCC unroll 4
@@ -125,46 +144,97 @@ static inline void micro_kernel(const float* __restrict x, int64_t ldx, const fl
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) storev(y + r * ldy + v * VL, activate(acc[r][v] + bv[v], act));
+    for (int v = 0; v < NV; ++v) {
+      const vf out = activate(acc[r][v] + bv[v], act);
+#if DIPGO_ISA == 2
+      if (stream) { _mm512_stream_ps(y + r * ldy + v * VL, (__m512)out); continue; }
+#elif DIPGO_ISA == 1
+      if (stream) { _mm256_stream_ps(y + r * ldy + v * VL, (__m256)out); continue; }
+#endif
+      storev(y + r * ldy + v * VL, out);
+    }
+}
+
+template <int MR, int NV>
+static inline void micro_kernel_any_bk(const float* x, int64_t ldx, const float* vals, const int32_t* cols,
+                                       int64_t nb, int64_t bk, int64_t ldw, float* y, int64_t ldy,
+                                       const float* bias, int act, bool stream) {
+  if (bk == 32)
+    micro_kernel<MR, NV, 32>(x, ldx, vals, cols, nb, bk, ldw, y, ldy, bias, act, stream);
+  else
+    micro_kernel<MR, NV, 0>(x, ldx, vals, cols, nb, bk, ldw, y, ldy, bias, act, stream);
+}
+
+// Whether the MR x rows of a tile, ldx floats apart, crowd into few sets of a 64-set, 8-way L1
+// (32 KB, the x86 norm): when K is a multiple of 1024 every row starts in the same set and the
+// 12-14 rows of an AVX-512 tile evict each other on every block (measured: 3072->768 ran at
+// 0.78x of oneDNN on a dense pattern). Such tiles read a packed copy instead.
+static bool rows_alias(int64_t ldx, int mr) {
+  bool seen[64] = {};
+  int sets = 0;
+  for (int r = 0; r < mr; ++r) {
+    const int64_t set = ((int64_t)r * ldx * 4 / 64) % 64;
+    if (!seen[set]) seen[set] = true, ++sets;
+  }
+  // a row's slice of a block covers consecutive sets, one line each: more than 8 rows per set
+  // overflow the 8 ways (the 6-row AVX2 tile never does; packing it measured no faster)
+  return (mr + sets - 1) / sets > 8;
 }
 
 // R rows of one block row, every panel of its BN columns (panels inner: the R x-rows stay in L1).
+// With ``buf`` the R rows' slices of the kept blocks are first copied there ([block][row][bk]),
+// so the panels read contiguous, non-aliasing x (see rows_alias).
 template <int R, int NV, int BN>
 static inline void row_tile(const float* x, int64_t ldx, const float* vals, const int32_t* cols, int64_t nb,
-                            int64_t bk, float* y, int64_t ldy, const float* bias, int act) {
+                            int64_t bk, float* y, int64_t ldy, const float* bias, int act, float* buf,
+                            bool stream) {
   constexpr int PW = NV * VL;
   static_assert(BN % PW == 0, "the panel must divide the block height");
+  if (buf) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* src = x + (int64_t)cols[b] * bk;
+      float* dst = buf + b * R * bk;
+      for (int r = 0; r < R; ++r) {
+        int64_t kk = 0;
+        for (; kk + VL <= bk; kk += VL) storev(dst + r * bk + kk, loadv(src + r * ldx + kk));
+        for (; kk < bk; ++kk) dst[r * bk + kk] = src[r * ldx + kk];
+      }
+    }
+    x = buf, ldx = bk, cols = nullptr;
+  }
 #pragma GCC unroll 1
   for (int p = 0; p < BN; p += PW)
-    micro_kernel<R, NV>(x, ldx, vals + p, cols, nb, bk, BN, y + p, ldy, bias ? bias + p : nullptr, act);
+    micro_kernel_any_bk<R, NV>(x, ldx, vals + p, cols, nb, bk, BN, y + p, ldy, bias ? bias + p : nullptr, act,
+                               stream);
 }
 
 // All `rows` rows of one block row: full MR tiles, then the remainder in tiles of 8, 4, 2, 1.
 template <int BN>
 static void block_row(const float* x, int64_t ldx, int64_t rows, const float* vals, const int32_t* cols,
-                      int64_t nb, int64_t bk, float* y, int64_t ldy, const float* bias, int act) {
+                      int64_t nb, int64_t bk, float* y, int64_t ldy, const float* bias, int act, float* buf,
+                      bool stream) {
   constexpr int MR = Tile<BN>::MR, NV = Tile<BN>::NV;
   for (; rows >= MR; rows -= MR, x += MR * ldx, y += MR * ldy)
-    row_tile<MR, NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act);
+    row_tile<MR, NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act, buf, stream);
   if (MR > 8 && rows >= 8) {
-    row_tile<(MR > 8 ? 8 : 1), NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act);
+    row_tile<(MR > 8 ? 8 : 1), NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act, buf, stream);
     rows -= 8, x += 8 * ldx, y += 8 * ldy;
   }
   if (MR > 4 && rows >= 4) {
-    row_tile<(MR > 4 ? 4 : 1), NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act);
+    row_tile<(MR > 4 ? 4 : 1), NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act, buf, stream);
     rows -= 4, x += 4 * ldx, y += 4 * ldy;
   }
   if (MR > 2 && rows >= 2) {
-    row_tile<(MR > 2 ? 2 : 1), NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act);
+    row_tile<(MR > 2 ? 2 : 1), NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act, buf, stream);
     rows -= 2, x += 2 * ldx, y += 2 * ldy;
   }
-  for (; rows > 0; --rows, x += ldx, y += ldy) row_tile<1, NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act);
+  for (; rows > 0; --rows, x += ldx, y += ldy) row_tile<1, NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act, buf, stream);
 }
 
 extern "C" {
 
 // Version of this ABI; the Python loader refuses a library that reports another one.
-int dipgo_bsl_abi_version(void) { return 2; }
+int dipgo_bsl_abi_version(void) { return 3; }
 
 // What this build was compiled for: 0 portable, 1 AVX2 + FMA, 2 AVX-512F.
 int dipgo_bsl_isa(void) { return DIPGO_ISA; }
@@ -178,7 +248,8 @@ int dipgo_bsl_tile_rows(int bn) { return bn == 16 ? Tile<16>::MR : bn == 32 ? Ti
 // -2 when row_ptr / col_indices are out of range (checked before anything is read through them).
 int dipgo_bsl_forward(const float* x, int64_t T, int64_t K, int64_t ldx, const float* vals, int64_t nnz,
                       const int32_t* row_ptr, const int32_t* cols, int64_t N, int64_t bn, int64_t bk,
-                      const float* bias, int act, float* y, int64_t ldy, int64_t row_chunk, int num_threads) {
+                      const float* bias, int act, float* y, int64_t ldy, int64_t row_chunk, int num_threads,
+                      int stream) {
   if (bn != 16 && bn != 32 && bn != 64) return -1;
   const int64_t block_rows = N / bn, block_cols = K / bk;
   if (row_ptr[0] != 0 || row_ptr[block_rows] != nnz) return -2;
@@ -191,6 +262,17 @@ int dipgo_bsl_forward(const float* x, int64_t T, int64_t K, int64_t ldx, const f
   const int64_t items = block_rows * chunks;
   // Waking a second thread costs microseconds: not worth it below ~100k multiply-adds.
   const bool parallel = num_threads > 1 && items > 1 && T * nnz * bk * bn >= 100000;
+  const int mr = bn == 16 ? Tile<16>::MR : bn == 32 ? Tile<32>::MR : Tile<64>::MR;
+  const bool pack = rows_alias(ldx, mr);
+  // Streaming (non-temporal) stores skip reading y's lines before writing them: worth it only for
+  // a y too large to stay cached for the next layer anyway (the caller decides), and only on
+  // vector-aligned rows.
+#if DIPGO_ISA >= 1
+  stream = stream && (uintptr_t)y % (VL * 4) == 0 && ldy % VL == 0 && bn % VL == 0;
+#else
+  stream = 0;
+#endif
+  const std::size_t pack_floats = (std::size_t)block_cols * bk * mr;  // every block of one tile
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (parallel)
   for (int64_t item = 0; item < items; ++item) {
     const int64_t c = item / block_rows, j = item % block_rows;
@@ -201,12 +283,21 @@ int dipgo_bsl_forward(const float* x, int64_t T, int64_t K, int64_t ldx, const f
     const float* vp = vals + b0 * bk * bn;
     const float* xp = x + r0 * ldx;
     float* yp = y + r0 * ldy + j * bn;
+    float* buf = nullptr;
+    if (pack) {
+      static thread_local std::vector<float> packed;
+      if (packed.size() < pack_floats) packed.resize(pack_floats);
+      buf = packed.data();
+    }
     if (bn == 16)
-      block_row<16>(xp, ldx, rows, vp, cols + b0, nb, bk, yp, ldy, bp, act);
+      block_row<16>(xp, ldx, rows, vp, cols + b0, nb, bk, yp, ldy, bp, act, buf, stream);
     else if (bn == 32)
-      block_row<32>(xp, ldx, rows, vp, cols + b0, nb, bk, yp, ldy, bp, act);
+      block_row<32>(xp, ldx, rows, vp, cols + b0, nb, bk, yp, ldy, bp, act, buf, stream);
     else
-      block_row<64>(xp, ldx, rows, vp, cols + b0, nb, bk, yp, ldy, bp, act);
+      block_row<64>(xp, ldx, rows, vp, cols + b0, nb, bk, yp, ldy, bp, act, buf, stream);
+#if DIPGO_ISA >= 1
+    if (stream) _mm_sfence();  // streamed stores are weakly ordered: drain this thread's before the join
+#endif
   }
   return 0;
 }
