@@ -96,12 +96,14 @@ def cache_file(key: dict[str, Any]) -> Path:
     return cache_root() / CACHE_SUBDIR / f"{digest}.json"
 
 
-def _layer_key(weight: BlockSparseWeight, tokens: int, bias: bool) -> str:
-    """Timing depends on the shape, block, token count and which blocks are kept (not on values)."""
+def _layer_key(weight: BlockSparseWeight, tokens: int, bias: bool, activation: str = "none") -> str:
+    """Timing depends on the shape, block, token count, the fused activation and which blocks are
+    kept (not on values)."""
     mask = weight.block_mask().flatten().to(torch.uint8).numpy().tobytes()
     pattern = hashlib.sha1(mask).hexdigest()[:12]
     bn, bk = weight.block
-    return f"{weight.out_features}x{weight.in_features}/b{bn}x{bk}/t{tokens}/bias{int(bias)}/{pattern}"
+    act = "" if activation == "none" else f"/{activation}"
+    return f"{weight.out_features}x{weight.in_features}/b{bn}x{bk}/t{tokens}/bias{int(bias)}{act}/{pattern}"
 
 
 def _read_cache(path: Path) -> dict[str, Any]:
@@ -113,24 +115,29 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 
 def time_layer(weight: BlockSparseWeight, bias: torch.Tensor | None, tokens: int,
-               timer: Timer) -> dict[str, float]:
-    """Median seconds of ``{"kernel", "mkl", "onednn"?}`` for this layer on ``tokens`` random rows."""
-    from dipgo.kernels.ops import block_sparse_linear
+               timer: Timer, activation: str = "none") -> dict[str, float]:
+    """Median seconds of ``{"kernel", "mkl", "onednn"?}`` for this layer on ``tokens`` random rows:
+    the kernel as a SubNet calls it (:class:`~dipgo.kernels.BlockSparseLinear`, ``activation``
+    fused), each dense path followed by torch's ``activation``."""
+    from dipgo.kernels.modules import BlockSparseLinear
+    from dipgo.kernels.reference import activate
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, weight.in_features, generator=gen)
     dense_w = weight.to_dense().float()
     b = None if bias is None else bias.detach().float()
-    v, c, r = weight.values.float().contiguous(), weight.col_indices, weight.row_ptr
-    fns: dict[str, Callable[[], Any]] = {"kernel": lambda: block_sparse_linear(x, v, c, r, b)}
-    fns.update(dense_paths(x, dense_w, b))
-    return timer(fns)
+    layer = BlockSparseLinear(weight.to(torch.float32), b, activation)
+    fns: dict[str, Callable[[], Any]] = {"kernel": lambda: layer(x)}
+    fns.update({name: (lambda f=f: activate(f(), activation)) for name, f in dense_paths(x, dense_w, b).items()})
+    with torch.inference_mode():
+        return timer(fns)
 
 
 def decide_layer(weight: BlockSparseWeight, bias: torch.Tensor | None, tokens: int, *,
                  timer: Timer | None = None, use_cache: bool = True, min_speedup: float = MIN_SPEEDUP,
-                 skip_below: float = SKIP_BELOW) -> Choice:
-    """Should this block-sparse layer run on the native kernel at ``tokens`` rows per call?"""
+                 skip_below: float = SKIP_BELOW, activation: str = "none") -> Choice:
+    """Should this block-sparse layer run on the native kernel at ``tokens`` rows per call?
+    ``activation``: what follows the layer (the kernel fuses it; the dense paths run torch's)."""
     kernel = native.load()
     if kernel is None:
         return Choice(False, "native CPU kernel unavailable (see the warning): dense")
@@ -141,12 +148,12 @@ def decide_layer(weight: BlockSparseWeight, bias: torch.Tensor | None, tokens: i
         return Choice(False, f"cost model expects {guess:.2f}x (< {skip_below:g}x), not timed: dense")
     key = machine_key(kernel)
     path = cache_file(key)
-    layer = _layer_key(weight, tokens, bias is not None)
+    layer = _layer_key(weight, tokens, bias is not None, activation)
     cache = _read_cache(path) if use_cache else {}
     times = cache.get("layers", {}).get(layer)
     cached = times is not None
     if not cached:
-        times = time_layer(weight, bias, tokens, timer or default_timer)
+        times = time_layer(weight, bias, tokens, timer or default_timer, activation)
         if use_cache:
             from dipgo.files import write_json_atomic
 

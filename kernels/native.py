@@ -90,8 +90,16 @@ class NativeKernel:
         lib.dipgo_bsl_tile_rows.argtypes = [i32]
         lib.dipgo_bsl_tile_rows.restype = i32
         self.tile_rows = {bn: int(lib.dipgo_bsl_tile_rows(bn)) for bn in (16, 32, 64)}
+        self._chunks: dict[tuple[int, ...], int] = {}  # row_chunk per call shape: the per-call Python cost counts
 
     def row_chunk(self, rows: int, block_rows: int, bn: int, threads: int, in_features: int = 0) -> int:
+        key = (rows, block_rows, bn, threads, in_features, L2_BYTES)
+        chunk = self._chunks.get(key)
+        if chunk is None:
+            chunk = self._chunks[key] = self._row_chunk(rows, block_rows, bn, threads, in_features)
+        return chunk
+
+    def _row_chunk(self, rows: int, block_rows: int, bn: int, threads: int, in_features: int) -> int:
         """Rows of x per work item: large enough that each block row's weights (loaded once per
         item) are reused over many rows, small enough that the rows of x fit in 3/4 of an L2
         (every block row of a chunk reads them again) and that every thread gets several items."""
@@ -284,7 +292,14 @@ def _load_cached(isa: str | None = None) -> NativeKernel | None:
 
 def load() -> NativeKernel | None:
     """The native kernel for the requested ISA, or ``None`` (warned once) when it cannot be
-    built, the ISA is refused, or the kernel is disabled."""
+    built, the ISA is refused, or the kernel is disabled. Called on every eager kernel call, so
+    it costs one cache lookup per setting of the two environment variables."""
+    return _load_for(os.environ.get("DIPGO_NATIVE_KERNELS"), os.environ.get(ISA_ENV))
+
+
+@functools.cache
+def _load_for(disable_env: str | None, isa_env: str | None) -> NativeKernel | None:
+    """:func:`load` for one value of ``DIPGO_NATIVE_KERNELS`` and ``DIPGO_KERNEL_ISA``."""
     if disabled():
         return None
     try:
@@ -298,6 +313,14 @@ def load() -> NativeKernel | None:
 def _refused(reason: str) -> None:
     _warn(reason)
     return None
+
+
+def reset() -> None:
+    """Forget every loaded kernel and remembered failure (tests that change the compiler, the
+    cache folder or the environment call this)."""
+    _load_for.cache_clear()
+    _load_cached.cache_clear()
+    _refused.cache_clear()
 
 
 def available() -> bool:

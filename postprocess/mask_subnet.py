@@ -83,17 +83,79 @@ near-dense pattern has nothing to do with the sparsity, and an unstructured mask
 32x32 block) would otherwise claim it."""
 
 
+FUSABLE_ACTIVATIONS = (("dense", "intermediate_act_fn"), ("fc1", "act"))
+"""(Linear attribute, activation attribute) pairs of one parent module whose forward applies the
+activation right after the Linear: transformers' ``*Intermediate`` blocks (BERT, RoBERTa, ...) and
+timm's ``Mlp``. A pair is only fused after the parent is checked to compute the same with it."""
+
+
+def activation_kind(act: nn.Module) -> str | None:
+    """``relu`` or ``gelu`` (exact, erf) when ``act`` computes one of them elementwise, else ``None``."""
+    import torch.nn.functional as F
+
+    probe = torch.linspace(-8.0, 8.0, 257)
+    try:
+        with torch.no_grad():
+            out = act(probe)
+    except Exception:  # noqa: BLE001 - anything that is not a plain elementwise module is not fused
+        return None
+    for name, ref in (("relu", F.relu(probe)), ("gelu", F.gelu(probe))):
+        if isinstance(out, torch.Tensor) and out.shape == probe.shape and torch.allclose(out, ref, rtol=1e-5, atol=1e-6):
+            return name
+    return None
+
+
+def _fusable(model: nn.Module, path: str) -> tuple[nn.Module, str, str] | None:
+    """``(parent, activation attribute, kind)`` when the activation after Linear ``path`` can be fused."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    for lin, act_attr in FUSABLE_ACTIVATIONS:
+        act = getattr(parent, act_attr, None) if name == lin else None
+        if not isinstance(act, nn.Module) or isinstance(act, nn.Identity):
+            continue
+        uses = sum(m is act for _, m in model.named_modules(remove_duplicate=False))
+        kind = activation_kind(act) if uses == 1 else None  # a shared module would lose it elsewhere too
+        if kind is not None:
+            return parent, act_attr, kind
+    return None
+
+
+def _fuse(model: nn.Module, path: str, new: nn.Module, parent: nn.Module, act_attr: str) -> bool:
+    """Put ``new`` (its activation fused) at ``path`` and an identity at ``parent.act_attr``, if the
+    parent then computes what it computed before on a probe input; otherwise change nothing."""
+    old_linear, old_act = model.get_submodule(path), getattr(parent, act_attr)
+    probe = torch.randn(3, old_linear.in_features, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.inference_mode():
+            before = parent(probe)
+            model.set_submodule(path, new)
+            setattr(parent, act_attr, nn.Identity())
+            after = parent(probe)
+        same = (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)
+                and after.shape == before.shape and torch.allclose(after, before, rtol=1e-4, atol=1e-5))
+    except Exception:  # noqa: BLE001 - a parent that needs other inputs: not fused
+        same = False
+    if not same:
+        model.set_submodule(path, old_linear)
+        setattr(parent, act_attr, old_act)
+    return same
+
+
 def to_kernels(model: nn.Module, masks: dict[str, torch.Tensor], block: tuple[int, int] = (32, 32), *,
                tokens: int = 256, device: str = "cpu", force: bool = False,
                min_block_sparsity: float = MIN_BLOCK_SPARSITY, timer: Any = None,
-               use_cache: bool = True) -> dict[str, dict[str, Any]]:
+               use_cache: bool = True, fuse_activations: bool = True) -> dict[str, dict[str, Any]]:
     """Swap masked Linears for ``BlockSparseLinear`` where it is measured faster; in place.
 
     A layer converts when at least ``min_block_sparsity`` of its blocks are empty and, timed at
     ``tokens`` rows per call on this machine, the kernel beats the fastest dense path
     (:func:`dipgo.kernels.decide.decide_layer`; ``timer`` and ``use_cache`` are passed on).
-    ``force`` skips both checks. Returns ``{path: {"converted": bool, "block_sparsity": s,
-    "reason": ..., "ratio": dense / kernel time or None, "dense_path": ...}}``.
+    ``force`` skips both checks. With ``fuse_activations``, a ReLU / GELU that the parent module
+    applies right after the Linear (:data:`FUSABLE_ACTIVATIONS`) moves into the kernel's epilogue:
+    the timing compares the fused kernel with dense + torch's activation, and the parent's
+    activation becomes an identity (measured on MiniLM: its erf GELU is 10 % of the SubNet's time).
+    Returns ``{path: {"converted": bool, "block_sparsity": s, "reason": ..., "ratio": dense /
+    kernel time or None, "dense_path": ..., "fused_activation": kind or None}}``.
     """
     from dipgo.kernels import BlockSparseLinear
     from dipgo.kernels.decide import decide_layer
@@ -113,20 +175,34 @@ def to_kernels(model: nn.Module, masks: dict[str, torch.Tensor], block: tuple[in
             report[path] = {"converted": False, "block_sparsity": round(s, 4), "ratio": None,
                             "reason": f"only {s:.0%} of the blocks are empty (< {min_block_sparsity:.0%}): dense"}
             continue
-        new = BlockSparseLinear.from_dense(mod, mask.bool(), block=block)
+        fusable = _fusable(model, path) if fuse_activations else None
+        act = fusable[2] if fusable else "none"
+        new = BlockSparseLinear.from_dense(mod, mask.bool(), block=block, activation=act)
+        entry: dict[str, Any] = {"block_sparsity": round(s, 4), "ratio": None}
         if force:
+            use, entry["reason"] = True, "forced"
+        elif not str(device).startswith("cpu"):
+            use, entry["reason"] = False, f"kernel decisions are measured on the CPU only, not {device}: dense"
+        else:
+            choice = decide_layer(new.weight, new.bias, tokens, timer=timer, use_cache=use_cache, activation=act)
+            use = choice.kernel
+            entry.update(ratio=choice.ratio, dense_path=choice.dense_path, times_ms=choice.times_ms,
+                         reason=choice.reason)
+        fused = None
+        if use and fusable:
+            parent, act_attr, _ = fusable
+            if _fuse(model, path, new, parent, act_attr):
+                fused = act
+            else:  # the parent did not check out: decide again for the kernel without the epilogue
+                new = BlockSparseLinear.from_dense(mod, mask.bool(), block=block)
+                if not force:
+                    choice = decide_layer(new.weight, new.bias, tokens, timer=timer, use_cache=use_cache)
+                    use = choice.kernel
+                    entry.update(ratio=choice.ratio, dense_path=choice.dense_path, times_ms=choice.times_ms,
+                                 reason=choice.reason)
+        if use and fused is None:
             model.set_submodule(path, new)
-            report[path] = {"converted": True, "block_sparsity": round(s, 4), "ratio": None, "reason": "forced"}
-            continue
-        if not str(device).startswith("cpu"):
-            report[path] = {"converted": False, "block_sparsity": round(s, 4), "ratio": None,
-                            "reason": f"kernel decisions are measured on the CPU only, not {device}: dense"}
-            continue
-        choice = decide_layer(new.weight, new.bias, tokens, timer=timer, use_cache=use_cache)
-        if choice.kernel:
-            model.set_submodule(path, new)
-        report[path] = {"converted": choice.kernel, "block_sparsity": round(s, 4), "ratio": choice.ratio,
-                        "dense_path": choice.dense_path, "times_ms": choice.times_ms, "reason": choice.reason}
+        report[path] = {"converted": use, **entry, "fused_activation": fused}
     return report
 
 
@@ -135,8 +211,9 @@ def conversion_lines(report: dict[str, dict[str, Any]]) -> list[str]:
     lines = []
     for path, r in report.items():
         ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.2f}x"
+        fused = f"; {r['fused_activation']} fused" if r.get("fused_activation") else ""
         lines.append(f"  {path}: {'kernel' if r['converted'] else 'dense '} {ratio:>6}  "
-                     f"({r.get('reason', '')}; {r.get('block_sparsity', 0):.0%} blocks empty)")
+                     f"({r.get('reason', '')}; {r.get('block_sparsity', 0):.0%} blocks empty{fused})")
     return lines
 
 
@@ -149,13 +226,14 @@ def export_mask_subnet(model: nn.Module, plan: Plan, out: str | Path, source: di
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     kernels = {name: mod.config() for name, mod in model.named_modules() if isinstance(mod, BlockSparseLinear)}
+    fused = fused_activations(model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     write_bytes_atomic(out / WEIGHTS_FILE, save(state))
     if hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
         model.config.save_pretrained(str(out))
     write_json_atomic(out / SUBNET_FILE, {"format": "dipgo.mask_subnet", "version": 1, "source": source or {},
                                          "model_class": type(model).__name__, "kernel_layers": kernels,
-                                         "plan": plan.to_dict()})
+                                         "fused_activations": fused, "plan": plan.to_dict()})
     return out
 
 
@@ -182,8 +260,27 @@ def load_mask_subnet(path: str | Path, model: nn.Module | None = None) -> nn.Mod
         tensors = {k: state[f"{name}.{k}"] for k in ("values", "col_indices", "row_ptr")}
         weight = BlockSparseWeight.from_tensors(tensors, cfg)
         model.set_submodule(name, BlockSparseLinear(weight, state.get(f"{name}.bias"), cfg.get("activation", "none")))
+    for parent_path, act_attr in meta.get("fused_activations", {}).items():  # now inside the kernel layer
+        setattr(model.get_submodule(parent_path), act_attr, nn.Identity())
     model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False)
+
+
+def fused_activations(model: nn.Module) -> dict[str, str]:
+    """``{parent path: activation attribute}`` of every activation :func:`to_kernels` moved into a
+    kernel layer (the parent's attribute is an identity now; a reload must make it one again)."""
+    from dipgo.kernels import BlockSparseLinear
+
+    out = {}
+    for path, mod in model.named_modules():
+        if not isinstance(mod, BlockSparseLinear) or mod.activation == "none":
+            continue
+        parent_path, _, name = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        for lin, act_attr in FUSABLE_ACTIVATIONS:
+            if name == lin and isinstance(getattr(parent, act_attr, None), nn.Identity):
+                out[parent_path] = act_attr
+    return out
 
 
 def masked_density(model: nn.Module, layers: list[str]) -> float:

@@ -123,14 +123,14 @@ def test_native_kernel_builds_from_scratch(tmp_path):
 
 def test_missing_compiler_warns_and_falls_back(monkeypatch):
     monkeypatch.setattr(native, "_compiler", lambda: None)
-    native._load_cached.cache_clear()
+    native.reset()
     try:
         with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
             assert native.load() is None
         _, packed = random_block_sparse(64, 64, 0.5, (32, 32))
         assert_matches_reference(torch.randn(5, 64), packed, torch.randn(64), "gelu")
     finally:
-        native._load_cached.cache_clear()
+        native.reset()
 
 
 def test_native_kernel_refuses_bad_indices():
@@ -590,7 +590,7 @@ def test_bad_isa_warns_once_and_subnets_stay_dense(value, match, monkeypatch, tm
 
     monkeypatch.setenv(native.ISA_ENV, value)
     monkeypatch.setenv("DIPGO_CACHE", str(tmp_path))
-    native._refused.cache_clear()
+    native.reset()
     with pytest.warns(RuntimeWarning, match=match) as record:
         assert native.load() is None
     assert len(record) == 1 and "\n" not in str(record[0].message) and "dense" in str(record[0].message)
@@ -617,20 +617,20 @@ def test_compiler_that_cannot_target_the_isa_warns(monkeypatch, tmp_path):
     fake.chmod(0o755)
     monkeypatch.setenv("CXX", str(fake))
     monkeypatch.setenv("DIPGO_KERNEL_CACHE", str(tmp_path / "cache"))
-    native._load_cached.cache_clear()
+    native.reset()
     try:
         with pytest.warns(RuntimeWarning, match=r"could not build the \w+ kernel \(error: bad value for -march") as rec:
             assert native.load() is None
         assert len(rec) == 1 and "\n" not in str(rec[0].message)
     finally:
-        native._load_cached.cache_clear()
+        native.reset()
 
 
 def test_nonexistent_compiler_warns(monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    native._load_cached.cache_clear()
+    native.reset()
     try:
         with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler found \(/nonexistent/c\+\+"):
             assert native.load() is None
     finally:
-        native._load_cached.cache_clear()
+        native.reset()
