@@ -22,7 +22,7 @@ import torch
 from dipgo.kernels import native
 from dipgo.kernels.baselines import dense_paths
 from dipgo.kernels.layout import DEFAULT_BLOCK, BlockSparseWeight, block_mask_from_scores, check_block
-from dipgo.kernels.ops import block_sparse_linear
+from dipgo.kernels.modules import BlockSparseLinear
 from dipgo.kernels.reference import activate, reference_block_sparse_linear
 from dipgo.measure.latency import compare_latency
 from dipgo.measure.machine import SIMD_FLAGS, cpu_model
@@ -55,7 +55,7 @@ class KernelBenchRow:
     onednn_ms: float | None
     """oneDNN's linear (+ activation) on the dense weight; ``None`` where torch has no oneDNN."""
     ours_ms: float
-    """``dipgo::block_sparse_linear`` through the custom op, as a SubNet calls it."""
+    """``BlockSparseLinear`` called as a SubNet calls it (eager: the native kernel without the dispatcher)."""
     torch_bsr_ms: float | None
     """``torch.addmm(b, W_bsr, x^T)^T`` (+ activation): torch's own block-sparse path (MKL sparse)."""
     speedup: float
@@ -113,7 +113,8 @@ def bench_point(
     v, c, r = packed.values, packed.col_indices, packed.row_ptr
 
     fns = {f"dense:{name}": (lambda f=f: activate(f(), activation)) for name, f in dense_paths(x, dense_w, bias).items()}
-    fns["ours"] = lambda: block_sparse_linear(x, v, c, r, bias, activation)
+    layer = BlockSparseLinear(packed, bias, activation)  # as a SubNet calls the kernel (eager fast path)
+    fns["ours"] = lambda: layer(x)
     if with_bsr:
         # torch at its best: values pre-transposed to BSR's block orientation, addmm, (T, N) view out
         bsr_values = v.transpose(1, 2).contiguous()  # (nnz, bn, bk)
@@ -128,7 +129,7 @@ def bench_point(
         times = compare_latency(fns, warmup=warmup, runs=runs, rounds=rounds, threads=threads)
 
     with torch.inference_mode():
-        ours = block_sparse_linear(x, v, c, r, bias, activation).double()
+        ours = layer(x).double()
         ref = reference_block_sparse_linear(x.double(), v.double(), c, r, bias.double(), activation)
     err = (ours - ref).abs().max().item()
     dense = {n.split(":", 1)[1]: t.median_s for n, t in times.items() if n.startswith("dense:")}

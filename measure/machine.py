@@ -39,6 +39,20 @@ def _flags() -> set[str]:
     return set()
 
 
+def _cpu_numbers() -> dict[str, str]:
+    """``cpu family`` and ``model`` (the number: Zen 3 and Zen 4 share the model name "AMD EPYC")."""
+    out: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("cpu family", "model") and key not in out:
+                out[key] = value.strip()
+    except OSError:
+        pass
+    return out
+
+
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -49,8 +63,11 @@ def _version(package: str) -> str | None:
 def machine_record() -> dict[str, Any]:
     """The record written beside every timing."""
     flags = _flags()
+    numbers = _cpu_numbers()
     return {
         "cpu": cpu_model(),
+        "cpu_family": numbers.get("cpu family"),
+        "cpu_model_number": numbers.get("model"),
         "simd_flags": [f for f in SIMD_FLAGS if f in flags],
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),
@@ -60,5 +77,6 @@ def machine_record() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"),
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }

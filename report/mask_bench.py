@@ -18,6 +18,7 @@ kernel SubNet's output is compared with the masked dense model's on that batch (
 from __future__ import annotations
 
 import copy
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -98,7 +99,27 @@ def bench_mask_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batc
         "latency_ms": {"full": timings["full"].median_s * 1e3, "subnet": timings["subnet"].median_s * 1e3},
         "speedup": speedup(timings["full"], timings["subnet"]),
         "max_abs_diff": diff,
+        "machine": _machine(),
     }
+
+
+def _machine_lines(m: dict[str, Any] | None) -> list[str]:
+    if not m:
+        return []
+    simd = "AVX-512" if "avx512f" in m.get("simd_flags", []) else "AVX2" if "avx2" in m.get("simd_flags", []) else "no AVX2"
+    return [f"measured on {m['cpu']} (family {m.get('cpu_family')}, model {m.get('cpu_model_number')}, {simd}), "
+            f"native kernel {m.get('kernel_isa') or 'unavailable'}, torch {m['torch']} (ATen {m['aten_cpu_capability']})"]
+
+
+def _machine() -> dict[str, Any]:
+    """The machine record plus the native kernel's build (its ISA decides the kernel's speed)."""
+    from dipgo.kernels import native
+    from dipgo.measure.machine import machine_record
+
+    kernel = native.load()
+    return {**machine_record(), "kernel_isa": None if kernel is None else kernel.isa,
+            "kernel_isa_env": os.environ.get(native.ISA_ENV),
+            "native_kernel": None if kernel is None else kernel.path.name}
 
 
 def bench_lines(result: dict[str, Any]) -> list[str]:
@@ -114,6 +135,7 @@ def bench_lines(result: dict[str, Any]) -> list[str]:
         f"full {lat['full']:.2f} ms, SubNet {lat['subnet']:.2f} ms, speedup {result['speedup']:.2f}x "
         f"(batch {result['batch']}, {result['tokens']} tokens, {result['threads']} threads)",
         f"kernel SubNet vs masked dense model: max abs difference {result['max_abs_diff']:.2e}",
+        *_machine_lines(result.get("machine")),
         "per layer (measured dense / kernel time; kernel where >= the margin):",
         *conversion_lines(result["conversion"]),
     ]

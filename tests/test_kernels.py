@@ -573,6 +573,20 @@ def test_avx2_build_has_no_avx512_instructions(tmp_path):
     assert "vfmadd231ps" in asm and "%ymm" in asm and "%zmm" not in asm
 
 
+def test_avx512_build_compiles_to_zmm_code_where_the_compiler_targets_it(tmp_path):
+    """On an AVX2-only machine the AVX-512 build cannot run, but it can still be compiled and
+    checked to be AVX-512 code (the tile shape it was written for)."""
+    cxx, objdump = native._compiler(), shutil.which("objdump")
+    if cxx is None or objdump is None:
+        pytest.skip("needs a C++ compiler and objdump")
+    try:
+        path = native.build(cxx, tmp_path, "avx512")
+    except RuntimeError as exc:
+        pytest.skip(f"this compiler cannot target AVX-512: {exc}")
+    asm = subprocess.run([objdump, "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "vfmadd231ps" in asm and "%zmm" in asm
+
+
 def test_isa_cache_key_differs_by_isa_and_cpu(monkeypatch):
     cxx = native._compiler() or "g++"
     keys = {native.build_key(cxx, isa) for isa in native.ISA_FLAGS}
