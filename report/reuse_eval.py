@@ -355,6 +355,7 @@ def evaluate_reuse(
         "peak_cache_bytes": _peak_cache_bytes(model, plan, run, map_tensors(lambda t: t[:1], batch), steps=int(plan.num_steps)),
     }
     report["verdict"] = verdict(report)
+    report["pruner_verdict"] = pruner_verdict(report)
     if eval_prompts is not None:
         report["eval_prompts"] = sorted(set(eval_prompts))  # held out from the calibration pool
     labels_by_name = {v.name: v.label for v in variants}
@@ -418,6 +419,29 @@ def verdict(report: dict[str, Any], mac_slack: float = 1.05) -> dict[str, Any]:
     return out
 
 
+STATIC_SCHEDULES = ("deepcache", "uniform", "static_per_block", "taylorseer1", "taylorseer2")
+"""Baselines whose plan is a fixed schedule (no search, no run-time decision): the bar for the
+pruner's own plan (GitHub issue 13: the learned plan must carry its weight)."""
+
+
+def pruner_verdict(report: dict[str, Any], mac_slack: float = 1.05) -> dict[str, Any] | None:
+    """Does the pruner's plan *before refinement* (``dipgo_pruner``) beat every static schedule at
+    (no more than ``mac_slack`` x) its MACs on PSNR? ``None`` when the run has no such pair."""
+    rows = {v["name"]: v for v in report["variants"]}
+    mine = rows.get("dipgo_pruner")
+    if mine is None or mine.get("psnr") is None:
+        return None
+    static = [v for n, v in rows.items() if n in STATIC_SCHEDULES and v.get("psnr") is not None
+              and v["macs_ratio"] <= mine["macs_ratio"] * mac_slack]
+    if not static:
+        return None
+    best = max(static, key=lambda v: v["psnr"])
+    wins = mine["psnr"] > best["psnr"]
+    return {"pruner_wins": wins, "pruner": mine["psnr"], "best_static": best["label"], "static": best["psnr"],
+            "sentence": (f"the pruner alone {'beats' if wins else 'does not beat'} the static schedules "
+                         f"({mine['psnr']:.1f} vs {best['psnr']:.1f} dB, {best['label']})")}
+
+
 def _batch(items: dict[str, Any], device: torch.device | str = "cpu") -> dict[str, Any]:
     items.pop("index", None)
     return map_tensors(lambda t: t.to(device), items)
@@ -476,6 +500,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                      f"{report.get('peak_cache_bytes', 0) / 1e6:.2f} MB per sample")
     if report.get("verdict"):
         lines.append(f"verdict: {report['verdict']['sentence']}")
+    if report.get("pruner_verdict"):
+        lines.append(f"before refinement: {report['pruner_verdict']['sentence']}")
     lines.append(f"plots: {', '.join(report.get('plots', {}).values())}")
     return lines
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dipgo.report.reuse_eval import verdict
+from dipgo.report.reuse_eval import pruner_verdict, verdict
 from dipgo.search.compose import compose_config
 from dipgo.search.run import run_search
 from tests.conftest import tiny_search_overrides
@@ -46,3 +46,16 @@ def test_verdict_needs_psnr_and_fd() -> None:
     assert no_fd["dipgo_wins"] is True and "fd" not in no_fd
     dearer = verdict(_report({"macs_ratio": 0.25, "psnr": 30.0, "fd": 1.0}, {**base, "macs_ratio": 0.5}))
     assert dearer["dipgo_wins"] is None  # a baseline at twice the MACs is not a rival
+
+
+def test_pruner_verdict_compares_the_plan_before_refinement_with_static_schedules_only() -> None:
+    mine = {"name": "dipgo_pruner", "macs_ratio": 0.2, "psnr": 38.0}
+    taylor = {"name": "taylorseer1", "macs_ratio": 0.2, "psnr": 37.9}
+    solver = {"name": "fewer_steps_dpmsolver++", "macs_ratio": 0.2, "psnr": 45.0}  # not a static schedule
+    win = pruner_verdict(_report({"macs_ratio": 0.2, "psnr": 50.0}, mine, taylor, solver))
+    assert win["pruner_wins"] is True and win["best_static"] == "taylorseer1" and "beats" in win["sentence"]
+    tie = pruner_verdict(_report({"macs_ratio": 0.2, "psnr": 50.0}, {**mine, "psnr": 37.9}, taylor))
+    assert tie["pruner_wins"] is False and "does not beat" in tie["sentence"]  # a tie is not a win
+    dearer = pruner_verdict(_report({"macs_ratio": 0.2, "psnr": 50.0}, mine, {**taylor, "macs_ratio": 0.3, "psnr": 60.0}))
+    assert dearer is None  # a schedule at 1.5x the MACs is not a rival
+    assert pruner_verdict(_report({"macs_ratio": 0.2, "psnr": 50.0}, taylor)) is None  # no pruner row

@@ -162,6 +162,13 @@ def test_pruner_init_prior_starts_at_the_whole_steps_schedule() -> None:
     assert bool((probs[keep] > 0.9).all()) and bool((probs[~keep] < 0.1).all())
     # the start meets the budget: every 3rd-ish step whole, a closed UNet step is free
     assert float(sn.expected_cost((probs > 0.5).double())) == pytest.approx(0.3)
+    # round(0.35 * 10) = 4 whole steps would cost 0.4: the start stays within the budget instead
+    rows35 = {0} | {s.step for s, k in zip(sn.slots, sn.prior_keep(0.35).tolist()) if k}
+    assert rows35 == {0, 3, 7}
+    for target in (0.15, 0.25, 0.35, 0.45, 0.55):
+        rows = {0} | {s.step for s, k in zip(sn.slots, sn.prior_keep(target).tolist()) if k}
+        grid = [[st in rows] * len(sn.units) for st in range(sn.num_steps)]
+        assert sn.plan_cost(grid) < target + 0.25 / sn.num_steps
     with pytest.raises(ValueError, match="start_at needs one keep value per slot"):
         pruner.start_at(keep[:-1])
     with pytest.raises(ValueError, match="pruner.init must be one of all, prior; got 'warm'"):
