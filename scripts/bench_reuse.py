@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from dipgo.measure.machine import machine_record
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,7 +90,7 @@ def main() -> None:
     payload = {
         "command": "python scripts/bench_reuse.py " + " ".join(
             ["--recipe", args.recipe, "--targets", *map(str, args.targets), "--out", args.out, *args.overrides]),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": {**machine_record(), "platform": platform.platform(), "threads": torch.get_num_threads()},
         "results": results,
         "pareto_plot": str(plot),
         "macs_plot": str(draw_macs(results, out, args.recipe)),
