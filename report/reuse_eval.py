@@ -349,6 +349,7 @@ def evaluate_reuse(
         "latency": {n: r.to_dict() for n, r in latency.items()},
         "latency_batch": int(lat_batch["noise"].shape[0]),
         "num_eval_samples": cfg.report.num_samples,
+        "fd_feature_dim": int(judge[1].shape[1]) if judge else None,
         "subnet_vs_supernet_max_abs_diff": consistency,
         "closed_slots": plan.num_closed,
         "forecast_order": plan.payload.forecast_order,
@@ -495,6 +496,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     full = report.get("full", {})
     if full.get("fd") is not None:
         lines.append(f"full model: FD {full['fd']:.2f}, accuracy {full['accuracy']:.0%} (FD = Fréchet distance in digits-classifier features to real held-out digits)")
+        note = fd_sample_note(report)
+        if note:
+            lines.append(note)
     if report.get("forecast_order"):
         lines.append(f"closed slots forecast (order {report['forecast_order']}); caches "
                      f"{report.get('peak_cache_bytes', 0) / 1e6:.2f} MB per sample")
@@ -504,6 +508,22 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"before refinement: {report['pruner_verdict']['sentence']}")
     lines.append(f"plots: {', '.join(report.get('plots', {}).values())}")
     return lines
+
+
+def fd_sample_note(report: dict[str, Any]) -> str | None:
+    """A warning when the FD proxy was estimated from fewer samples than twice its feature dimension.
+
+    With N samples of D-dim features the covariance has rank below N, so for N < 2 D the FD is
+    biased upward and moves with the evaluation noise (digits DiT, 100 samples of 128-dim features:
+    the full model's FD ranged 3.3-4.9 over 8 noise seeds, 2.6-2.7 at 1000 samples; docs/RESULTS.md).
+    Comparisons inside one report share the noise and stay meaningful; absolute values do not.
+    """
+    n, dim = report.get("num_eval_samples"), report.get("fd_feature_dim")
+    if not isinstance(n, int) or not isinstance(dim, int) or n >= 2 * dim:
+        return None
+    return (f"note: FD from {n} samples of {dim}-dim features is biased upward and moves with the noise seed; "
+            f"compare variants within this report, raise report.num_samples (>= {2 * dim}) for absolute values, "
+            "or re-sample a saved run with scripts/fd_spread.py")
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import runpy
 from pathlib import Path
 
-from dipgo.report.reuse_eval import pruner_verdict, verdict
+import pytest
+
+from dipgo.report.reuse_eval import fd_sample_note, pruner_verdict, verdict
 from dipgo.search.compose import compose_config
 from dipgo.search.run import run_search
 from tests.conftest import tiny_search_overrides
@@ -26,6 +29,10 @@ def test_report_has_every_baseline_a_user_would_pick(tiny_unet_dir: Path, tmp_pa
     assert report["subnet_vs_supernet_max_abs_diff"] == 0.0
     assert report["verdict"]["sentence"].startswith("dipgo")
     assert any(line.startswith("verdict: dipgo") for line in result.summary)
+    # scripts/fd_spread.py re-samples digits runs only (the FD proxy needs the digits classifier)
+    evaluate = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "fd_spread.py"))["evaluate"]
+    with pytest.raises(SystemExit, match="digits denoisers only"):
+        evaluate(result.run_dir, ["uniform"], seed=1, n=2)
 
 
 def _report(dipgo: dict, *others: dict, full_fd: float | None = 1.0) -> dict:
@@ -59,3 +66,10 @@ def test_pruner_verdict_compares_the_plan_before_refinement_with_static_schedule
     dearer = pruner_verdict(_report({"macs_ratio": 0.2, "psnr": 50.0}, mine, {**taylor, "macs_ratio": 0.3, "psnr": 60.0}))
     assert dearer is None  # a schedule at 1.5x the MACs is not a rival
     assert pruner_verdict(_report({"macs_ratio": 0.2, "psnr": 50.0}, taylor)) is None  # no pruner row
+
+
+def test_fd_note_warns_only_when_samples_are_too_few_for_the_feature_dimension() -> None:
+    assert "biased" in fd_sample_note({"num_eval_samples": 100, "fd_feature_dim": 128})
+    assert "report.num_samples (>= 256)" in fd_sample_note({"num_eval_samples": 255, "fd_feature_dim": 128})
+    assert fd_sample_note({"num_eval_samples": 256, "fd_feature_dim": 128}) is None
+    assert fd_sample_note({"num_eval_samples": 100, "fd_feature_dim": None}) is None  # no FD proxy (latents)
