@@ -55,6 +55,33 @@ def test_refine_never_worse_than_the_best_seed_and_reproducible() -> None:
     assert info["final_score"] < info["seed_scores"][info["start"]]  # the local search found better moves
 
 
+def test_refine_races_the_seeds_instead_of_trusting_the_best_start() -> None:
+    """A seed that scores best but sits in a dead end loses the race to one that can improve."""
+    from dipgo.postprocess.reuse_refine import repair
+
+    sn = FakeSuperNet()
+    target = 0.5
+    probs = torch.full((7, 3), 0.5)
+    early = [[s < 4] * 3 for s in range(8)]
+    trap = fill_slack(sn, repair(sn, early, probs, target), probs, target)
+    learned = whole_steps_grid(sn, target)
+
+    def late(grid: list[list[bool]]) -> float:  # prefers computing late steps
+        return -float(sum(s for s, row in enumerate(grid) for on in row if on))
+
+    start = late(fill_slack(sn, repair(sn, learned, probs, target), probs, target))
+
+    def score(grid: list[list[bool]]) -> float:  # the early plan is a local optimum just above the learned start
+        return start - 1.0 if grid == trap else late(grid)
+
+    grid, info = refine_grid(sn, {"early": early, "learned": learned}, probs, target, score,
+                             RefineConfig(max_evals=60), seed=3)
+    assert info["seed_scores"]["early"] < info["seed_scores"]["learned"]  # the trap scores best at the start
+    assert info["start"] == "learned" and set(info["race_scores"]) == {"early", "learned"}
+    assert info["final_score"] < start - 1.0 and grid != trap
+    assert info["evaluations"] <= 60 + 3  # each of the 3 phases may overshoot by one slack re-score
+
+
 def test_repair_closes_the_least_likely_slots_until_the_plan_fits() -> None:
     from dipgo.postprocess.reuse_refine import repair
 
