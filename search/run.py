@@ -205,7 +205,9 @@ def run_search(
     t1 = time.perf_counter()
     probs = module.keep_probabilities()
     plan = task.extract_plan(probs, supernet, cfg)
-    plan.meta.update({"recipe": cfg.recipe_name, "seed": cfg.seed, "search_seconds": round(search_s, 2)})
+    # search_seconds: the pruner's training; plan_seconds: extraction + refinement (the rest of a search)
+    plan.meta.update({"recipe": cfg.recipe_name, "seed": cfg.seed, "search_seconds": round(search_s, 2),
+                      "plan_seconds": round(time.perf_counter() - t1, 2)})
     if loaded.extra.get("lora") is not None:
         plan.meta["lora"] = lora_summary(loaded.extra["lora"])  # what the plan was searched on
     if not trainer.is_global_zero:
@@ -219,7 +221,7 @@ def run_search(
     report, plots = reporter.evaluate(loaded, supernet, plan, cfg, run_dir)
     say(f"dipgo search: report done in {format_duration(time.perf_counter() - t2)}", flush=True)
     report = {"recipe": cfg.recipe_name, "run_dir": str(run_dir), "search_seconds": round(search_s, 2),
-              "lora": lora_summary(loaded.extra.get("lora")), **report}
+              "plan_seconds": plan.meta["plan_seconds"], "lora": lora_summary(loaded.extra.get("lora")), **report}
     if extra:
         report["budget_plans"] = {f"{t:g}": {"cost_ratio": p.cost_ratio, "path": f"plans/target_{t:g}.json"} for t, p in extra.items()}
     report["plots"] = {k: str(Path(p).relative_to(run_dir)) for k, p in plots.items()}

@@ -27,6 +27,7 @@ def test_report_has_every_baseline_a_user_would_pick(tiny_unet_dir: Path, tmp_pa
     assert rows["teacache"]["macs_ratio"] <= report["macs"]["plan_ratio"] + 1e-9  # threshold met the budget
     assert report["forecast_order"] == 1 and report["peak_cache_bytes"] > 0
     assert report["subnet_vs_supernet_max_abs_diff"] == 0.0
+    assert report["plan_seconds"] > 0 and result.plan.meta["plan_seconds"] == report["plan_seconds"]  # refinement timed
     assert report["verdict"]["sentence"].startswith("dipgo")
     assert any(line.startswith("verdict: dipgo") for line in result.summary)
     # scripts/fd_spread.py re-samples digits runs only (the FD proxy needs the digits classifier)
