@@ -17,6 +17,10 @@ what lowers the distortion to the full model's samples, without ever exceeding t
    each distinct seed gets an equal share of half the evaluations, then the seed whose descendant
    scores best gets the rest (the best seed is not always the best basin). Moves are drawn from
    generators seeded by the run's seed, so the refinement is reproducible.
+3. Resumed runs. A move changes a step or two, so a candidate runs exactly like the plan it came
+   from up to the first changed step: :class:`PlanSampler` keeps the last few hard trajectories
+   step by step and resumes each candidate from the one that shares the most leading steps. The
+   scores are those of full runs; about half of the denoiser steps are skipped.
 
 The result is never worse on the calibration batch than the best seed, and the plan's
 ``meta.refine`` says which seed won the race and how much the search gained, so users can see what the pruner contributed.
@@ -35,9 +39,48 @@ from dipgo.postprocess.settings import RefineConfig
 from dipgo.supernets.reuse import whole_steps_rows
 
 if TYPE_CHECKING:
-    from dipgo.supernets.reuse import ReuseSuperNet
+    from collections.abc import Mapping
+
+    from dipgo.supernets.reuse import ReuseSuperNet, Trace
 
 Grid = list[list[bool]]
+
+TRACE_BUDGET_BYTES = 1 << 30
+"""Memory the refinement may keep in stored trajectories (a few hundred MB for the digits models)."""
+MAX_TRACES = 4
+"""Trajectories kept at most: the current plan of the search and the last candidates."""
+
+
+class PlanSampler:
+    """Samples hard plans of one calibration batch, resuming from stored trajectories.
+
+    Each call stores its trace (most recent last, at most :data:`MAX_TRACES` and
+    :data:`TRACE_BUDGET_BYTES`, judged from the first trace's size) and resumes the next plan from
+    the stored trace sharing the most leading steps with it. ``steps_run / steps_total`` says how
+    much of the denoiser work was actually done.
+    """
+
+    def __init__(self, supernet: ReuseSuperNet, batch: Mapping[str, Any],
+                 budget_bytes: int = TRACE_BUDGET_BYTES, max_traces: int = MAX_TRACES) -> None:
+        self.supernet, self.batch = supernet, batch
+        self.budget_bytes, self.max_traces = budget_bytes, max_traces
+        self._traces: list[Trace] = []
+        self._keep: int | None = None  # decided from the first trace
+        self.steps_run = self.steps_total = 0
+
+    def __call__(self, grid: Grid) -> torch.Tensor:
+        """The final sample ``(B, C, H, W)`` of the hard plan ``grid``."""
+        rows = (self.supernet.effective(torch.tensor(grid, dtype=torch.float32)) > 0.5).tolist()
+        base = max(reversed(self._traces), key=lambda t: t.shared_steps(rows), default=None)  # ties: the newest
+        shared = 0 if base is None else base.shared_steps(rows)
+        trace = self.supernet.trace(self.batch, grid, base)
+        self.steps_total += len(rows)
+        self.steps_run += len(rows) - shared
+        if self._keep is None:
+            self._keep = min(self.max_traces, self.budget_bytes // max(trace.nbytes(), 1))
+        self._traces = [t for t in self._traces if t is not trace] + [trace]  # most recent last
+        del self._traces[: max(len(self._traces) - self._keep, 0)]
+        return trace.final
 
 
 def whole_steps_grid(supernet: ReuseSuperNet, target: float) -> Grid:

@@ -174,7 +174,7 @@ def refine(plan: Plan, probs: torch.Tensor, supernet: ReuseSuperNet, cfg: DictCo
     search passes one that runs the plan on its sparse weights, while the reference stays dense.
     """
     from dipgo.postprocess.reuse_baselines import PLAN_BASELINES, baseline_plans
-    from dipgo.postprocess.reuse_refine import RefineConfig, refine_grid, whole_steps_grid
+    from dipgo.postprocess.reuse_refine import PlanSampler, RefineConfig, refine_grid, whole_steps_grid
 
     rc = cfg.search.refine
     config = replace(config_of(RefineConfig, rc), enabled=True)
@@ -184,11 +184,12 @@ def refine(plan: Plan, probs: torch.Tensor, supernet: ReuseSuperNet, cfg: DictCo
     device = next(supernet.model.parameters()).device  # where the search left the model (a GPU)
     batch = map_tensors(lambda t: t.to(device), batch)
     reference = supernet.reference(batch)["output"]
+    resumed = PlanSampler(supernet, batch) if sample_fn is None else None  # a joint plan runs other weights
 
     def score(grid: list[list[bool]]) -> float:
         """Mean per-item log MSE (= minus the mean PSNR, up to constants): the report's metric,
         and less dominated by one hard item than the pooled MSE."""
-        out = supernet.sample(batch, grid) if sample_fn is None else sample_fn(batch, grid)
+        out = resumed(grid) if resumed is not None else sample_fn(batch, grid)
         err = ((out - reference) ** 2).flatten(1).mean(1)  # (B,)
         return float(torch.log10(err.clamp_min(1e-20)).mean())
 
@@ -205,6 +206,8 @@ def refine(plan: Plan, probs: torch.Tensor, supernet: ReuseSuperNet, cfg: DictCo
     grid, info = refine_grid(supernet, seeds, slot_probs, target, score, config, seed=cfg.seed)
     # the pruner's own plan, kept so the report can show what the refinement added
     info["pruner_compute"], info["pruner_cost_ratio"] = pruner_compute, pruner_cost
+    if resumed is not None and resumed.steps_total:  # how much of the plans' steps really ran
+        info["steps_run_fraction"] = round(resumed.steps_run / resumed.steps_total, 4)
     plan.compute = (supernet.effective(torch.tensor(grid, dtype=torch.float64)) > 0.5).tolist()
     plan.cost_ratio = supernet.plan_cost(plan.compute)
     plan.meta["refine"] = info

@@ -16,6 +16,7 @@ SubNet later runs. Each unit's forward goes through a hook in diffusers' ``HookR
 from __future__ import annotations
 
 import copy
+import dataclasses
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,14 @@ from dipgo.supernets import forecast
 from dipgo.supernets.adapters import ConsumerGraph, ReuseUnit, get_reuse_adapter
 from dipgo.supernets.gates import STEP_BLOCK, GateSlot, freeze
 from dipgo.supernets.hooks import ForwardHook, attach
-from dipgo.supernets.sampling import SCHEDULER_NAMES, make_model_fn, make_scheduler, model_inputs, sample
+from dipgo.supernets.sampling import (
+    SCHEDULER_NAMES,
+    LoopState,
+    make_model_fn,
+    make_scheduler,
+    model_inputs,
+    sample,
+)
 
 
 @dataclass
@@ -431,6 +439,59 @@ class _Trajectory:
     outputs: forecast.History | None = None  # the model output's history, for whole-step skips
 
 
+@dataclass(frozen=True, eq=False)
+class _Snapshot:
+    """A hard run just before one step's denoiser call: the loop and the units' caches."""
+
+    loop: LoopState
+    caches: dict[int, Any]
+    outputs: forecast.History | None
+
+
+@dataclass(frozen=True, eq=False)
+class Trace:
+    """One hard trajectory of one batch, with its state before every step.
+
+    A plan search scores thousands of plans that differ from the last one in a slot or two; a
+    plan whose effective rows first differ from a trace's at step k resumes from ``states[k]``
+    (:meth:`ReuseSuperNet.trace`) and runs only steps k..S-1, with the same result as a full run.
+    """
+
+    compute: tuple[tuple[bool, ...], ...]  # (S, B) effective compute rows
+    order: int
+    noise: torch.Tensor  # the batch's noise: a trace only resumes runs of this very batch
+    states: tuple[_Snapshot, ...]  # (S,) state before step s
+    final: torch.Tensor  # (B, C, H, W)
+
+    def shared_steps(self, compute: Sequence[Sequence[bool]]) -> int:
+        """How many leading steps a plan with these effective rows runs exactly like this trace."""
+        for s, (mine, theirs) in enumerate(zip(self.compute, compute)):
+            if tuple(mine) != tuple(theirs):
+                return s
+        return len(self.compute)
+
+    def nbytes(self) -> int:
+        """Bytes of the distinct tensors the trace keeps alive (shared ones counted once)."""
+        seen: dict[int, int] = {}
+        for snap in self.states:
+            for t in _tensors((snap.loop.x, snap.loop.eps, snap.caches, snap.outputs)):
+                seen.setdefault(t.data_ptr(), t.numel() * t.element_size())
+        return sum(seen.values()) + self.final.numel() * self.final.element_size()
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """Tensor leaves of nested tuples / lists / dicts / dataclasses (caches and histories)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
+        return [t for f in dataclasses.fields(tree) for t in _tensors(getattr(tree, f.name))]
+    if isinstance(tree, Mapping):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return []
+
+
 class ReuseSuperNet:
     """A frozen denoiser plus reuse gates over ``(num_steps - 1) x num_units`` slots.
 
@@ -647,13 +708,47 @@ class ReuseSuperNet:
             final, eps = self._sample(batch, _Trajectory(rows=None, compute=compute, hard=True, order=order))
         return {"output": final, "eps": eps} if return_dict else final
 
-    def _sample(self, batch: Mapping[str, Any], run: _Trajectory | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def trace(self, batch: Mapping[str, Any], compute_grid: Any, base: Trace | None = None) -> Trace:
+        """:meth:`sample` of a hard plan, kept step by step; ``trace.final`` is the sample.
+
+        With ``base`` (a trace of the same batch), the steps the two plans run alike are not run
+        again: the run resumes from ``base``'s state at the first step whose effective row differs,
+        and shares the earlier states with it. A plan search moving one slot at a time (the
+        refinement) so runs about half the steps per plan on average.
+        """
+        order = self.config.forecast_order
+        grid = torch.as_tensor(compute_grid).to(torch.float32)
+        compute = tuple(tuple(row) for row in (self.effective(grid) > 0.5).tolist())
+        if base is not None and (base.noise is not batch["noise"] or base.order != order
+                                 or len(base.compute) != len(compute)):
+            base = None  # another batch or another runtime: nothing to share
+        k = 0 if base is None else base.shared_steps(compute)
+        if base is not None and k == len(compute):
+            return base
+        run = _Trajectory(rows=None, compute=[list(r) for r in compute], hard=True, order=order)
+        states: list[_Snapshot] = list(base.states[:k]) if base is not None else []
+        resume = None
+        if base is not None and k > 0:
+            snap = base.states[k]
+            run.caches, run.outputs, resume = snap.caches, snap.outputs, snap.loop
+
+        def on_state(loop: LoopState) -> None:
+            if loop.step >= len(states):  # the resumed step's own state is recorded once
+                states.append(_Snapshot(loop, run.caches, run.outputs))
+
+        with torch.no_grad():
+            final, _ = self._sample(batch, run, resume=resume, on_state=on_state)
+        return Trace(compute, order, batch["noise"], tuple(states), final)
+
+    def _sample(self, batch: Mapping[str, Any], run: _Trajectory | None, resume: LoopState | None = None,
+                on_state: Callable[[LoopState], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         scheduler = make_scheduler(cfg.scheduler, cfg.scheduler_config, cfg.num_train_timesteps)
         model_fn = self._model_fn if run is None else self._gated_fn(run)
         on_step = None if run is None else self._on_step(run)
         return sample(model_fn, scheduler, batch, cfg.num_steps, cfg.guidance_scale,
-                      null_class=self.null_class, on_step=on_step, truncate_steps=cfg.truncate_steps)
+                      null_class=self.null_class, on_step=on_step, truncate_steps=cfg.truncate_steps,
+                      resume=resume, on_state=on_state)
 
     def _on_step(self, run: _Trajectory) -> Callable[[int], None]:
         k = self.config.truncate_steps

@@ -12,8 +12,10 @@ the reuse caches and the MACs count assume.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -177,6 +179,20 @@ def _step_kwargs(scheduler: Any) -> dict[str, Any]:
     return {"return_dict": False, **({"eta": 0.0} if "eta" in params else {})}
 
 
+@dataclass(frozen=True)
+class LoopState:
+    """The sampling loop just before step ``step``'s denoiser call: enough to resume it there.
+
+    ``scheduler`` is a private copy (a multistep solver remembers its last outputs); ``eps`` the
+    guided outputs of the steps before. Tensors are shared, never written in place by the loop.
+    """
+
+    step: int
+    x: torch.Tensor  # (B, C, H, W)
+    scheduler: Any
+    eps: tuple[torch.Tensor, ...]
+
+
 def sample(
     model_fn: ModelFn,
     scheduler: Any,
@@ -188,6 +204,8 @@ def sample(
     negative: Mapping[str, Any] | None = None,
     on_step: Callable[[int], None] | None = None,
     truncate_steps: int | None = None,
+    resume: LoopState | None = None,
+    on_state: Callable[[LoopState], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the whole trajectory from ``batch["noise"]``; returns ``(final, eps_stack)``.
 
@@ -197,17 +215,29 @@ def sample(
     steps (truncated backprop). ``null_class`` / ``negative`` (``{"encoder_hidden_states": ...,
     "added_cond_kwargs": ...}``) define the unconditional half (see :func:`unconditional`).
     Differentiable: nothing here disables autograd.
+
+    ``on_state(state)`` receives a :class:`LoopState` before each step's denoiser call (before
+    ``on_step``); ``resume=state`` continues a run of the same batch from that step instead of
+    from the noise, with a copy of the state's scheduler (``scheduler`` is then not used). Runs
+    that share their first k steps (a plan search that changes one late slot) need not redo them.
     """
     noise = batch["noise"]  # (B, C, H, W)
-    scheduler.set_timesteps(num_steps, device=noise.device)
     copies, cond = model_inputs(batch, guidance_scale, null_class, negative)
+    if resume is None:
+        scheduler.set_timesteps(num_steps, device=noise.device)
+        x, eps_list, first = noise * scheduler.init_noise_sigma, [], 0
+    else:
+        scheduler = copy.deepcopy(resume.scheduler)  # the stored state stays reusable
+        x, eps_list, first = resume.x, list(resume.eps), resume.step
     step_kwargs = _step_kwargs(scheduler)
-    x = noise * scheduler.init_noise_sigma
-    eps_list: list[torch.Tensor] = []
     for i, t in enumerate(scheduler.timesteps):
+        if i < first:
+            continue
         if truncate_steps and i > 0 and i % truncate_steps == 0:
             x = x.detach()
             _detach_scheduler_state(scheduler)
+        if on_state is not None:
+            on_state(LoopState(i, x, copy.deepcopy(scheduler), tuple(eps_list)))
         if on_step is not None:
             on_step(i)
         x_in = scheduler.scale_model_input(x, t)

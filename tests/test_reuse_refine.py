@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dipgo.postprocess.reuse_refine import RefineConfig, fill_slack, refine_grid, whole_steps_grid
@@ -120,3 +121,42 @@ def test_budget_options_need_a_budget_conditioned_pruner() -> None:
         compose_config(["search.plan_targets=[0.3]"])
     with pytest.raises(ConfigError, match=r"target_range must be \[low, high\]"):
         compose_config(["search.pruner.budget_conditioned=true", "search.target_range=[0.5,0.2]"])
+
+
+@pytest.mark.parametrize(("scheduler", "order"), [("ddim", 0), ("dpmsolver++", 2), ("unipc", 1)])
+def test_resumed_plans_sample_exactly_what_full_runs_sample(scheduler: str, order: int) -> None:
+    """The refinement's resumed runs (multistep solver state, forecast histories, whole-step
+    skips restored mid-trajectory) give the full run's sample, and really skip the shared steps."""
+    import random
+
+    from dipgo.postprocess.reuse_refine import PlanSampler
+    from tests.conftest import tiny_reuse_supernet, unet_batch
+
+    _, sn = tiny_reuse_supernet(10, scheduler=scheduler, forecast_order=order)
+    batch = unet_batch()
+    resumed = PlanSampler(sn, batch, max_traces=2)
+    rng = random.Random(0)
+    grid = [[s % 3 == 0] * len(sn.block_names) for s in range(10)]
+    for _ in range(8):  # a walk of one-slot flips, like the local search's moves
+        s, b = rng.randrange(1, 10), rng.randrange(len(sn.block_names))
+        grid = [row[:] for row in grid]
+        grid[s][b] = not grid[s][b]
+        torch.testing.assert_close(resumed(grid), sn.sample(batch, grid), rtol=0, atol=0)
+    assert resumed.steps_run < resumed.steps_total
+    other = {**batch, "noise": batch["noise"] + 1}  # another batch never resumes from these traces
+    assert sn.trace(other, grid, resumed._traces[-1]).noise is other["noise"]
+    torch.testing.assert_close(sn.trace(other, grid, resumed._traces[-1]).final, sn.sample(other, grid), rtol=0, atol=0)
+    sn.remove()
+
+
+def test_plan_sampler_keeps_nothing_when_one_trace_exceeds_its_memory_budget() -> None:
+    from dipgo.postprocess.reuse_refine import PlanSampler
+    from tests.conftest import tiny_reuse_supernet, unet_batch
+
+    _, sn = tiny_reuse_supernet(6)
+    resumed = PlanSampler(sn, unet_batch(), budget_bytes=1)
+    grid = [[True] * len(sn.block_names)] + [[False] * len(sn.block_names)] * 5
+    resumed(grid)
+    resumed(grid)
+    assert resumed.steps_run == resumed.steps_total == 12  # every plan ran from the noise
+    sn.remove()
