@@ -73,6 +73,8 @@ class History:
 
 def _map(fn: Callable[..., Any], *trees: Any) -> Any:
     """``fn`` over the tensor leaves of same-structured pytrees; other leaves from the first tree."""
+    if isinstance(trees[0], torch.Tensor):  # the common case: skip flattening (called per unit per step)
+        return fn(*trees)
     flat = [pytree.tree_flatten(t)[0] for t in trees]
     spec = pytree.tree_flatten(trees[0])[1]
     out = [fn(*xs) if isinstance(xs[0], torch.Tensor) else xs[0] for xs in zip(*flat)]

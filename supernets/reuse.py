@@ -230,6 +230,8 @@ def _join(hidden: torch.Tensor, rest: tuple[Any, ...] | None) -> Any:
 
 def _mix(g: torch.Tensor, new: Any, old: Any) -> Any:
     """``g * new + (1 - g) * old`` over every tensor of two same-structured outputs."""
+    if isinstance(new, torch.Tensor):  # the common case: skip flattening
+        return g * new + (1 - g) * old
     new_leaves, spec = pytree.tree_flatten(new)
     old_leaves, _ = pytree.tree_flatten(old)
     mixed = [
