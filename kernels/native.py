@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "block_sparse_linear.cpp"
-ABI_VERSION = 3
+ABI_VERSION = 4
 FLAGS = ("-O3", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
 ISA_ENV = "DIPGO_KERNEL_ISA"
 ISA_FLAGS = {
@@ -90,6 +90,9 @@ class NativeKernel:
         lib.dipgo_bsl_tile_rows.argtypes = [i32]
         lib.dipgo_bsl_tile_rows.restype = i32
         self.tile_rows = {bn: int(lib.dipgo_bsl_tile_rows(bn)) for bn in (16, 32, 64)}
+        self._packs_chunks = lib.dipgo_bsl_packs_chunks
+        self._packs_chunks.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, i32]
+        self._packs_chunks.restype = i32
         self._chunks: dict[tuple[int, ...], int] = {}  # row_chunk per call shape: the per-call Python cost counts
 
     def row_chunk(self, rows: int, block_rows: int, bn: int, threads: int, in_features: int = 0) -> int:
@@ -109,6 +112,16 @@ class NativeKernel:
         while chunk > mr and block_rows * -(-rows // chunk) < 4 * threads:
             chunk -= mr
         return chunk
+
+    def packs_chunks(self, x: torch.Tensor, values: torch.Tensor, out_features: int) -> bool:
+        """Whether :meth:`forward` on ``x`` (T, K) with these block values, at the current thread
+        count, copies whole row chunks of x first (the loop for sparse weights and many tokens,
+        see the source) rather than reading x in place."""
+        rows, k = x.shape
+        nnz, bk, bn = values.shape
+        threads = torch.get_num_threads()
+        chunk = self.row_chunk(rows, out_features // bn, bn, threads, k)
+        return bool(self._packs_chunks(rows, k, x.stride(0), nnz, out_features, bn, bk, chunk, threads))
 
     def forward(
         self,

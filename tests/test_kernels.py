@@ -563,6 +563,43 @@ def test_streaming_stores_and_small_row_chunks_match_reference(isa, monkeypatch)
         assert wide[:, :3].isnan().all()
 
 
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_chunk_packing_loop_matches_reference_and_the_in_place_loop(isa, monkeypatch):
+    """Sparse weights over many row chunks take the loop that packs each chunk of x first (on the
+    builds that have it): it must agree with the float64 reference and, bit for bit, with the
+    in-place loop on the same tiles (the per-output sums run in the same order)."""
+    if not native.cpu_can_run(isa) or native._compiler() is None:
+        pytest.skip(f"the {isa} build cannot be built or run here")
+    monkeypatch.setenv(native.ISA_ENV, isa)
+    kernel = native.load()
+    assert kernel is not None and kernel.isa == isa
+    monkeypatch.setattr(native, "L2_BYTES", 4 * 1024 * 4)  # chunks of one or two tiles
+    gen = torch.Generator().manual_seed(5)
+    threads = torch.get_num_threads()
+    packed_loops = 0
+    try:
+        for out_f, in_f, block in [(96, 1024, (32, 32)), (64, 512, (16, 32)), (128, 512, (64, 16)), (96, 320, (32, 8))]:
+            _, packed = random_block_sparse(out_f, in_f, 0.8, block, seed=in_f + 7)
+            bias = torch.randn(out_f, generator=gen)
+            for tokens in (61, 203):  # ragged last chunk and last tile
+                x = torch.randn(tokens, in_f, generator=gen)
+                for act in ACTS:
+                    outs, loops = [], []
+                    for n in (1, 2):  # 8-15 chunks pack on one thread only: both loops, same tiles
+                        torch.set_num_threads(n)
+                        loops.append(kernel.packs_chunks(x, packed.values, out_f))
+                        out = torch.empty(tokens, out_f)
+                        kernel.forward(x, packed.values, packed.col_indices, packed.row_ptr, bias, act, out)
+                        torch.testing.assert_close(out.double(), _reference64(x, packed, bias, act), rtol=1e-4, atol=1e-5)
+                        outs.append(out)
+                    assert torch.equal(outs[0], outs[1])
+                    packed_loops += sum(loops)
+    finally:
+        torch.set_num_threads(threads)
+    if isa == "avx2":
+        assert packed_loops > 0  # the packing loop really ran (it is measured on AVX2 only)
+
+
 def test_avx2_build_has_no_avx512_instructions(tmp_path):
     """The forced AVX2 build must really be AVX2 code (no zmm register anywhere)."""
     cxx, objdump = native._compiler(), shutil.which("objdump")

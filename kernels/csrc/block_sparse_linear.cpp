@@ -26,7 +26,11 @@
 //  - when the tile's x rows alias in L1 (K a multiple of 1024 on AVX-512 tiles), the kept blocks'
 //    x slices are packed contiguously per tile first (3072->768: +10-20 %);
 //  - a y too large to stay cached (the caller decides) is written with streaming stores, which skip
-//    the read-for-ownership of every line (768->3072 at 2048 tokens, 90 %: 7.5 -> 5.5 ms).
+//    the read-for-ownership of every line (768->3072 at 2048 tokens, 90 %: 7.5 -> 5.5 ms);
+//  - on the AVX2 build, sparse weights over many row chunks copy each chunk of x once into a
+//    [block column][row][bk] buffer and run all block rows from it, while the next chunk is
+//    prefetched: x is then read front to back instead of in scattered 128-byte slices, each a cache
+//    miss the first time (3072->768 at 2048 tokens, 90 %: +25-46 %; see pack_chunks).
 //
 // The ISA is the compiler's target (-march=x86-64-v4 / -v3, chosen by dipgo/kernels/native.py from
 // the CPU or DIPGO_KERNEL_ISA); dipgo_bsl_isa() reports what was really compiled, so a compiler that
@@ -107,14 +111,14 @@ static inline vf activate(vf v, int act) {
 
 // One MR x (NV * VL) tile of y over the nb kept blocks of a block row. ``vals`` points at the
 // panel's first column in block 0; ldw (= bn) is the k-row stride inside a block. Block b's x slice
-// starts at x + cols[b] * bk (x itself, rows ldx apart) or, when cols is null, at x + b * MR * bk
-// (a packed copy, rows bk apart). BK > 0 fixes bk at compile time (the common 32: the k loop
+// starts at x + cols[b] * cs, rows ldx apart: cs = bk for x itself, cs = rows * bk for a chunk packed
+// by pack_chunk (rows bk apart); when cols is null, at x + b * MR * bk (a tile's packed copy). BK > 0 fixes bk at compile time (the common 32: the k loop
 // unrolls and its bounds fold, ~10 % at high sparsity where the loop is short).
 template <int MR, int NV, int BK>
 static inline void micro_kernel(const float* __restrict x, int64_t ldx, const float* __restrict vals,
                                 const int32_t* __restrict cols, int64_t nb, int64_t bk, int64_t ldw,
                                 float* __restrict y, int64_t ldy, const float* __restrict bias, int act,
-                                bool stream) {
+                                bool stream, int64_t cs) {
   if (BK) bk = BK;
   vf acc[MR][NV];
 #pragma GCC unroll 16
@@ -123,7 +127,7 @@ static inline void micro_kernel(const float* __restrict x, int64_t ldx, const fl
     for (int v = 0; v < NV; ++v) acc[r][v] = (vf){};
   const int64_t block_size = bk * ldw;
   for (int64_t b = 0; b < nb; ++b) {
-    const float* xp = cols ? x + (int64_t)cols[b] * bk : x + b * MR * bk;
+    const float* xp = cols ? x + (int64_t)cols[b] * cs : x + b * MR * bk;
     const float* wp = vals + b * block_size;
 #pragma GCC unroll 8
     for (int64_t kk = 0; kk < bk; ++kk) {
@@ -158,11 +162,11 @@ static inline void micro_kernel(const float* __restrict x, int64_t ldx, const fl
 template <int MR, int NV>
 static inline void micro_kernel_any_bk(const float* x, int64_t ldx, const float* vals, const int32_t* cols,
                                        int64_t nb, int64_t bk, int64_t ldw, float* y, int64_t ldy,
-                                       const float* bias, int act, bool stream) {
+                                       const float* bias, int act, bool stream, int64_t cs) {
   if (bk == 32)
-    micro_kernel<MR, NV, 32>(x, ldx, vals, cols, nb, bk, ldw, y, ldy, bias, act, stream);
+    micro_kernel<MR, NV, 32>(x, ldx, vals, cols, nb, bk, ldw, y, ldy, bias, act, stream, cs);
   else
-    micro_kernel<MR, NV, 0>(x, ldx, vals, cols, nb, bk, ldw, y, ldy, bias, act, stream);
+    micro_kernel<MR, NV, 0>(x, ldx, vals, cols, nb, bk, ldw, y, ldy, bias, act, stream, cs);
 }
 
 // Whether the MR x rows of a tile, ldx floats apart, crowd into few sets of a 64-set, 8-way L1
@@ -187,7 +191,7 @@ static bool rows_alias(int64_t ldx, int mr) {
 template <int R, int NV, int BN>
 static inline void row_tile(const float* x, int64_t ldx, const float* vals, const int32_t* cols, int64_t nb,
                             int64_t bk, float* y, int64_t ldy, const float* bias, int act, float* buf,
-                            bool stream) {
+                            bool stream, int64_t cs) {
   constexpr int PW = NV * VL;
   static_assert(BN % PW == 0, "the panel must divide the block height");
   if (buf) {
@@ -205,42 +209,102 @@ static inline void row_tile(const float* x, int64_t ldx, const float* vals, cons
 #pragma GCC unroll 1
   for (int p = 0; p < BN; p += PW)
     micro_kernel_any_bk<R, NV>(x, ldx, vals + p, cols, nb, bk, BN, y + p, ldy, bias ? bias + p : nullptr, act,
-                               stream);
+                               stream, cs);
 }
 
 // All `rows` rows of one block row: full MR tiles, then the remainder in tiles of 8, 4, 2, 1.
 template <int BN>
 static void block_row(const float* x, int64_t ldx, int64_t rows, const float* vals, const int32_t* cols,
                       int64_t nb, int64_t bk, float* y, int64_t ldy, const float* bias, int act, float* buf,
-                      bool stream) {
+                      bool stream, int64_t cs) {
   constexpr int MR = Tile<BN>::MR, NV = Tile<BN>::NV;
   for (; rows >= MR; rows -= MR, x += MR * ldx, y += MR * ldy)
-    row_tile<MR, NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act, buf, stream);
+    row_tile<MR, NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act, buf, stream, cs);
   if (MR > 8 && rows >= 8) {
-    row_tile<(MR > 8 ? 8 : 1), NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act, buf, stream);
+    row_tile<(MR > 8 ? 8 : 1), NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act, buf, stream, cs);
     rows -= 8, x += 8 * ldx, y += 8 * ldy;
   }
   if (MR > 4 && rows >= 4) {
-    row_tile<(MR > 4 ? 4 : 1), NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act, buf, stream);
+    row_tile<(MR > 4 ? 4 : 1), NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act, buf, stream, cs);
     rows -= 4, x += 4 * ldx, y += 4 * ldy;
   }
   if (MR > 2 && rows >= 2) {
-    row_tile<(MR > 2 ? 2 : 1), NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act, buf, stream);
+    row_tile<(MR > 2 ? 2 : 1), NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act, buf, stream, cs);
     rows -= 2, x += 2 * ldx, y += 2 * ldy;
   }
-  for (; rows > 0; --rows, x += ldx, y += ldy) row_tile<1, NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act, buf, stream);
+  for (; rows > 0; --rows, x += ldx, y += ldy) row_tile<1, NV, BN>(x, ldx, vals, cols, nb, bk, y, ldy, bias, act, buf, stream, cs);
+}
+
+// block_row for the block heights the kernel supports.
+static void any_block_row(int64_t bn, const float* x, int64_t ldx, int64_t rows, const float* vals, const int32_t* cols,
+                          int64_t nb, int64_t bk, float* y, int64_t ldy, const float* bias, int act, float* buf,
+                          bool stream, int64_t cs) {
+  if (bn == 16)
+    block_row<16>(x, ldx, rows, vals, cols, nb, bk, y, ldy, bias, act, buf, stream, cs);
+  else if (bn == 32)
+    block_row<32>(x, ldx, rows, vals, cols, nb, bk, y, ldy, bias, act, buf, stream, cs);
+  else
+    block_row<64>(x, ldx, rows, vals, cols, nb, bk, y, ldy, bias, act, buf, stream, cs);
+}
+
+// Copies rows [0, rows) of x into buf as [block column][row][bk]: each block column's slice of the
+// chunk becomes one contiguous rows * bk run (micro_kernel's cs = rows * bk, ldx = bk). x is read
+// front to back, which the hardware prefetchers follow, instead of in the kept blocks' scattered
+// 128-byte slices, each a cache miss the first time a block row asks for it.
+static void pack_chunk(const float* x, int64_t ldx, int64_t rows, int64_t K, int64_t bk, float* buf) {
+  const int64_t block_cols = K / bk;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = x + r * ldx;
+    for (int64_t kb = 0; kb < block_cols; ++kb) {
+      float* dst = buf + (kb * rows + r) * bk;
+      int64_t kk = 0;
+      for (; kk + VL <= bk; kk += VL) storev(dst + kk, loadv(src + kb * bk + kk));
+      for (; kk < bk; ++kk) dst[kk] = src[kb * bk + kk];
+    }
+  }
+}
+
+// Whether to pack whole row chunks (the loop in dipgo_bsl_forward). Measured on the AVX2 build
+// (Zen 3, 2 threads, 2048 tokens, A/B of both loops in one process, docs/RESULTS.md): 3072->768
+// +3 / +10 / +24 / +46 % at 60 / 70 / 80 / 90 % block sparsity, 768->3072 +11 % at 70 % and +25 % at
+// 90 %, but -2 to -3 % at 50 % (the copy is not paid back when most of x is read anyway). Chunks are
+// dealt to threads statically (a chunk's packed copy lives in one thread's L2), so it also needs
+// enough chunks to balance: at 256 tokens (9 chunks) it measured 0-11 % slower. The AVX-512 build
+// keeps the per-item loop until this is measured on an AVX-512 machine.
+static bool pack_chunks(int64_t nnz, int64_t block_rows, int64_t block_cols, int64_t chunks, int threads,
+                        bool tile_pack) {
+  if (DIPGO_ISA != 1 || tile_pack) return false;
+  const bool sparse = 20 * nnz <= 9 * block_rows * block_cols;  // density <= 45 %
+  return sparse && chunks >= 8 * (int64_t)threads;
+}
+
+// Threads a call uses: waking a second one costs microseconds, not worth it below ~100k
+// multiply-adds or with a single work item.
+static int call_threads(int64_t T, int64_t nnz, int64_t bk, int64_t bn, int64_t items, int num_threads) {
+  return num_threads > 1 && items > 1 && T * nnz * bk * bn >= 100000 ? num_threads : 1;
 }
 
 extern "C" {
 
 // Version of this ABI; the Python loader refuses a library that reports another one.
-int dipgo_bsl_abi_version(void) { return 3; }
+int dipgo_bsl_abi_version(void) { return 4; }
 
 // What this build was compiled for: 0 portable, 1 AVX2 + FMA, 2 AVX-512F.
 int dipgo_bsl_isa(void) { return DIPGO_ISA; }
 
 // Rows per micro-kernel tile for block height bn (the Python side rounds row chunks to it).
 int dipgo_bsl_tile_rows(int bn) { return bn == 16 ? Tile<16>::MR : bn == 32 ? Tile<32>::MR : Tile<64>::MR; }
+
+// Whether dipgo_bsl_forward with these arguments packs whole row chunks (1) or runs the per-item
+// loop (0): tests use it to cover both loops.
+int dipgo_bsl_packs_chunks(int64_t T, int64_t K, int64_t ldx, int64_t nnz, int64_t N, int64_t bn, int64_t bk,
+                           int64_t row_chunk, int num_threads) {
+  if ((bn != 16 && bn != 32 && bn != 64) || T <= 0 || N <= 0) return 0;
+  const int64_t block_rows = N / bn, chunks = (T + row_chunk - 1) / row_chunk;
+  const int mr = bn == 16 ? Tile<16>::MR : bn == 32 ? Tile<32>::MR : Tile<64>::MR;
+  const int threads = call_threads(T, nnz, bk, bn, block_rows * chunks, num_threads);
+  return pack_chunks(nnz, block_rows, K / bk, chunks, threads, rows_alias(ldx, mr));
+}
 
 // y[T, N] = act(x[T, K] @ W^T + bias). x rows are ldx floats apart, y rows ldy floats apart.
 // row_ptr has N / bn + 1 entries, col_indices nnz entries in [0, K / bk). act: 0 none, 1 relu,
@@ -260,8 +324,8 @@ int dipgo_bsl_forward(const float* x, int64_t T, int64_t K, int64_t ldx, const f
   if (T <= 0 || N <= 0) return 0;
   const int64_t chunks = (T + row_chunk - 1) / row_chunk;
   const int64_t items = block_rows * chunks;
-  // Waking a second thread costs microseconds: not worth it below ~100k multiply-adds.
-  const bool parallel = num_threads > 1 && items > 1 && T * nnz * bk * bn >= 100000;
+  const int threads = call_threads(T, nnz, bk, bn, items, num_threads);
+  const bool parallel = threads > 1;
   const int mr = bn == 16 ? Tile<16>::MR : bn == 32 ? Tile<32>::MR : Tile<64>::MR;
   const bool pack = rows_alias(ldx, mr);
   // Streaming (non-temporal) stores skip reading y's lines before writing them: worth it only for
@@ -272,6 +336,31 @@ int dipgo_bsl_forward(const float* x, int64_t T, int64_t K, int64_t ldx, const f
 #else
   stream = 0;
 #endif
+  if (pack_chunks(nnz, block_rows, block_cols, chunks, threads, pack)) {
+    // One chunk per work item, all its block rows, from a packed copy of its rows of x. Static
+    // dealing, so each thread knows its next chunk (c + threads) and asks for it to be fetched into
+    // L2 bit by bit while this one computes.
+#pragma omp parallel for schedule(static, 1) num_threads(num_threads) if (parallel)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t r0 = c * row_chunk, rows = T - r0 < row_chunk ? T - r0 : row_chunk;
+      static thread_local std::vector<float> packed;
+      if ((int64_t)packed.size() < rows * K) packed.resize(rows * K);
+      pack_chunk(x + r0 * ldx, ldx, rows, K, bk, packed.data());
+      const int64_t n0 = (c + threads) * row_chunk;
+      const int64_t next_rows = n0 >= T ? 0 : T - n0 < row_chunk ? T - n0 : row_chunk;
+      for (int64_t j = 0; j < block_rows; ++j) {
+        for (int64_t r = next_rows * j / block_rows; r < next_rows * (j + 1) / block_rows; ++r)
+          for (int64_t k = 0; k < K; k += 16) __builtin_prefetch(x + (n0 + r) * ldx + k, 0, 2);
+        const int64_t b0 = row_ptr[j], nb = row_ptr[j + 1] - b0;
+        any_block_row(bn, packed.data(), bk, rows, vals + b0 * bk * bn, cols + b0, nb, bk, y + r0 * ldy + j * bn,
+                      ldy, bias ? bias + j * bn : nullptr, act, nullptr, stream, rows * bk);
+      }
+#if DIPGO_ISA >= 1
+      if (stream) _mm_sfence();
+#endif
+    }
+    return 0;
+  }
   const std::size_t pack_floats = (std::size_t)block_cols * bk * mr;  // every block of one tile
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (parallel)
   for (int64_t item = 0; item < items; ++item) {
@@ -289,12 +378,7 @@ int dipgo_bsl_forward(const float* x, int64_t T, int64_t K, int64_t ldx, const f
       if (packed.size() < pack_floats) packed.resize(pack_floats);
       buf = packed.data();
     }
-    if (bn == 16)
-      block_row<16>(xp, ldx, rows, vp, cols + b0, nb, bk, yp, ldy, bp, act, buf, stream);
-    else if (bn == 32)
-      block_row<32>(xp, ldx, rows, vp, cols + b0, nb, bk, yp, ldy, bp, act, buf, stream);
-    else
-      block_row<64>(xp, ldx, rows, vp, cols + b0, nb, bk, yp, ldy, bp, act, buf, stream);
+    any_block_row(bn, xp, ldx, rows, vp, cols + b0, nb, bk, yp, ldy, bp, act, buf, stream, bk);
 #if DIPGO_ISA >= 1
     if (stream) _mm_sfence();  // streamed stores are weakly ordered: drain this thread's before the join
 #endif
