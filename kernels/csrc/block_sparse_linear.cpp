@@ -30,7 +30,7 @@
 //  - on the AVX2 build, sparse weights over many row chunks copy each chunk of x once into a
 //    [block column][row][bk] buffer and run all block rows from it, while the next chunk is
 //    prefetched: x is then read front to back instead of in scattered 128-byte slices, each a cache
-//    miss the first time (3072->768 at 2048 tokens, 90 %: +25-46 %; see pack_chunks).
+//    miss the first time (3072->768 at 2048 tokens, 90 %: +23 %; see pack_chunks).
 //
 // The ISA is the compiler's target (-march=x86-64-v4 / -v3, chosen by dipgo/kernels/native.py from
 // the CPU or DIPGO_KERNEL_ISA); dipgo_bsl_isa() reports what was really compiled, so a compiler that
@@ -265,12 +265,12 @@ static void pack_chunk(const float* x, int64_t ldx, int64_t rows, int64_t K, int
 }
 
 // Whether to pack whole row chunks (the loop in dipgo_bsl_forward). Measured on the AVX2 build
-// (Zen 3, 2 threads, 2048 tokens, A/B of both loops in one process, docs/RESULTS.md): 3072->768
-// +3 / +10 / +24 / +46 % at 60 / 70 / 80 / 90 % block sparsity, 768->3072 +11 % at 70 % and +25 % at
-// 90 %, but -2 to -3 % at 50 % (the copy is not paid back when most of x is read anyway). Chunks are
-// dealt to threads statically (a chunk's packed copy lives in one thread's L2), so it also needs
-// enough chunks to balance: at 256 tokens (9 chunks) it measured 0-11 % slower. The AVX-512 build
-// keeps the per-item loop until this is measured on an AVX-512 machine.
+// (Zen 3, 2 threads, A/B of both loops in one process, docs/RESULTS.md): at 2048 tokens 3072->768
+// +23 % at 90 % block sparsity and +4 % at 70 %, 768->3072 +11 % / +7 %, 1536->384 at 4096 tokens
+// +29 % / +14 %; at 512 tokens (x mostly cached) +-3 %. At 50 % the copy does not pay (0.97-0.99x,
+// most of x is read anyway), and with few chunks per thread neither does it (x fits the caches):
+// chunks >= 8 per thread means x is over about 12 L2s. The AVX-512 build keeps the per-item loop
+// until this is measured on an AVX-512 machine.
 static bool pack_chunks(int64_t nnz, int64_t block_rows, int64_t block_cols, int64_t chunks, int threads,
                         bool tile_pack) {
   if (DIPGO_ISA != 1 || tile_pack) return false;
@@ -337,23 +337,27 @@ int dipgo_bsl_forward(const float* x, int64_t T, int64_t K, int64_t ldx, const f
   stream = 0;
 #endif
   if (pack_chunks(nnz, block_rows, block_cols, chunks, threads, pack)) {
-    // One chunk per work item, all its block rows, from a packed copy of its rows of x. Static
-    // dealing, so each thread knows its next chunk (c + threads) and asks for it to be fetched into
-    // L2 bit by bit while this one computes.
+    // Each thread takes one contiguous run of rows (a multiple of the tile height, so the runs
+    // differ by under one tile: dealing whole chunks instead left one thread a chunk more, 6-12 %
+    // at 17-35 chunks), walks it chunk by chunk from a packed copy of the chunk's rows of x, and
+    // asks for the next chunk to be fetched into L2 bit by bit while this one computes.
+    const int64_t per = ((T + threads - 1) / threads + mr - 1) / mr * mr;
 #pragma omp parallel for schedule(static, 1) num_threads(num_threads) if (parallel)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t r0 = c * row_chunk, rows = T - r0 < row_chunk ? T - r0 : row_chunk;
+    for (int t = 0; t < threads; ++t) {
+      const int64_t lo = t * per < T ? t * per : T, hi = lo + per < T ? lo + per : T;
       static thread_local std::vector<float> packed;
-      if ((int64_t)packed.size() < rows * K) packed.resize(rows * K);
-      pack_chunk(x + r0 * ldx, ldx, rows, K, bk, packed.data());
-      const int64_t n0 = (c + threads) * row_chunk;
-      const int64_t next_rows = n0 >= T ? 0 : T - n0 < row_chunk ? T - n0 : row_chunk;
-      for (int64_t j = 0; j < block_rows; ++j) {
-        for (int64_t r = next_rows * j / block_rows; r < next_rows * (j + 1) / block_rows; ++r)
-          for (int64_t k = 0; k < K; k += 16) __builtin_prefetch(x + (n0 + r) * ldx + k, 0, 2);
-        const int64_t b0 = row_ptr[j], nb = row_ptr[j + 1] - b0;
-        any_block_row(bn, packed.data(), bk, rows, vals + b0 * bk * bn, cols + b0, nb, bk, y + r0 * ldy + j * bn,
-                      ldy, bias ? bias + j * bn : nullptr, act, nullptr, stream, rows * bk);
+      for (int64_t r0 = lo; r0 < hi; r0 += row_chunk) {
+        const int64_t rows = hi - r0 < row_chunk ? hi - r0 : row_chunk;
+        if ((int64_t)packed.size() < rows * K) packed.resize(rows * K);
+        pack_chunk(x + r0 * ldx, ldx, rows, K, bk, packed.data());
+        const int64_t n0 = r0 + rows, next_rows = hi - n0 < row_chunk ? hi - n0 : row_chunk;
+        for (int64_t j = 0; j < block_rows; ++j) {
+          for (int64_t r = next_rows * j / block_rows; r < next_rows * (j + 1) / block_rows; ++r)
+            for (int64_t k = 0; k < K; k += 16) __builtin_prefetch(x + (n0 + r) * ldx + k, 0, 2);
+          const int64_t b0 = row_ptr[j], nb = row_ptr[j + 1] - b0;
+          any_block_row(bn, packed.data(), bk, rows, vals + b0 * bk * bn, cols + b0, nb, bk, y + r0 * ldy + j * bn,
+                        ldy, bias ? bias + j * bn : nullptr, act, nullptr, stream, rows * bk);
+        }
       }
 #if DIPGO_ISA >= 1
       if (stream) _mm_sfence();
