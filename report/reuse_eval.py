@@ -135,6 +135,18 @@ def _pruner_plan(plan: Plan) -> Plan | None:
                 meta={k: v for k, v in plan.meta.items() if k != "refine"})
 
 
+def _placement_plan(plan: Plan, supernet: ReuseSuperNet) -> Plan | None:
+    """The learned placement's whole-steps plan (``meta.placement.rows``), the pruner's start, or ``None``."""
+    rows = ((plan.meta or {}).get("placement") or {}).get("rows")
+    if rows is None:
+        return None
+    chosen = set(rows)
+    compute = [[s in chosen] * len(plan.blocks) for s in range(plan.num_steps)]
+    return Plan(kind=plan.kind, model=plan.model, blocks=plan.blocks, compute=compute, target=plan.target,
+                cost_ratio=supernet.plan_cost(compute), num_steps=plan.num_steps,
+                meta={k: v for k, v in plan.meta.items() if k not in ("refine", "placement")})
+
+
 def build_variants(
     loaded: LoadedModel, supernet: ReuseSuperNet, plan: Plan, cfg: DictConfig, run: Callable[..., torch.Tensor],
     calib: dict[str, torch.Tensor], probe: dict[str, torch.Tensor],
@@ -165,6 +177,10 @@ def build_variants(
     if pruner is not None and pruner.compute != plan.compute:
         variants.append(Variant("dipgo_pruner", "dipgo, pruner only", pruner.cost_ratio,
                                 _plan_runner(run, model, pruner, steps)))
+    placed = _placement_plan(plan, supernet)
+    if placed is not None:
+        variants.append(Variant("dipgo_placement", "dipgo, learned placement", placed.cost_ratio,
+                                _plan_runner(run, model, placed, steps)))
     sched_cfg = dict(loaded.scheduler.config) if getattr(loaded, "scheduler", None) is not None else None
     k = max(1, min(steps, round(plan.cost_ratio * steps)))
     for name in names:
@@ -393,7 +409,7 @@ def verdict(report: dict[str, Any], mac_slack: float = 1.05) -> dict[str, Any]:
     """
     rows = {v["name"]: v for v in report["variants"]}
     mine = rows["dipgo"]
-    rivals = [v for n, v in rows.items() if n not in ("full", "dipgo", "dipgo_pruner")
+    rivals = [v for n, v in rows.items() if n not in DIPGO_VARIANTS
               and v["macs_ratio"] <= mine["macs_ratio"] * mac_slack and v.get("psnr") is not None]
     if not rivals:
         return {"dipgo_wins": None, "sentence": "no baseline at the plan's MACs to compare with"}
@@ -420,6 +436,8 @@ def verdict(report: dict[str, Any], mac_slack: float = 1.05) -> dict[str, Any]:
     return out
 
 
+DIPGO_VARIANTS = ("full", "dipgo", "dipgo_pruner", "dipgo_placement")
+"""The full model and dipgo's own plans: never a baseline."""
 STATIC_SCHEDULES = ("deepcache", "uniform", "static_per_block", "taylorseer1", "taylorseer2")
 """Baselines whose plan is a fixed schedule (no search, no run-time decision): the bar for the
 pruner's own plan (GitHub issue 13: the learned plan must carry its weight)."""

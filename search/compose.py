@@ -88,6 +88,9 @@ def validate_config(cfg: DictConfig) -> None:
     _one_of("supernet.forecast_order", cfg.supernet.forecast_order, FORECAST_ORDERS)
     _one_of("data.kind", cfg.data.kind, ("diffusion", "prompts", "images", "text"))
     _one_of("supernet.cost", cfg.supernet.cost, ("macs", "latency"))
+    if cfg.search.placement.enabled and cfg.supernet.kind != "reuse":
+        raise ConfigError(f"search.placement learns where a reuse plan's full steps go; "
+                          f"supernet.kind={cfg.supernet.kind} has no steps (use supernet.kind=reuse or leave it off)")
     get_task(cfg.supernet.kind, cfg).validate(cfg)  # what only this kind needs
     _one_of("logger.wandb_mode", cfg.logger.wandb_mode, ("auto", "offline", "online", "disabled"))
     _one_of("search.cost.mode", cfg.search.cost.mode, ("two_sided", "hinge"))

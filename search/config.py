@@ -13,6 +13,7 @@ options.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -171,6 +172,32 @@ class SupernetConfig:
 
 
 @dataclass
+class PlacementConfig:
+    """Learned step placement before the pruner (``search.placement``; reuse kind only, with
+    ``search.pruner.init=prior``): :mod:`dipgo.search.reuse_placement`."""
+
+    enabled: bool = False
+    """Learn where the start schedule's full steps go, on hard calibration trajectories."""
+    iterations: int = 60
+    """Policy-gradient steps."""
+    samples: int = 8
+    """Placements drawn and run per step (at least 2: each is judged against the others' mean)."""
+    batch: int = 8
+    """Calibration items each placement is run on (the first items of the pool)."""
+    lr: float = 0.3
+    """Adam learning rate of the per-step placement logits."""
+    init_gap: float = 1.0
+    """Starting logit of the evenly spaced schedule's steps (the others start at 0)."""
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0 or self.samples < 2 or self.batch < 1:
+            raise ValueError(f"search.placement needs iterations >= 0, samples >= 2 and batch >= 1; "
+                             f"got {self.iterations}, {self.samples}, {self.batch}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"search.placement.lr must be a positive number; got {self.lr}")
+
+
+@dataclass
 class SearchConfig:
     target: float = 0.25  # fraction of MACs to keep, in (0, 1]; 0.25 asks for a 4x MACs reduction
     target_range: list[float] | None = None  # budget-conditioned pruner: train on budgets drawn from [low, high]
@@ -181,6 +208,7 @@ class SearchConfig:
     distortion: DistortionConfig = field(default_factory=DistortionConfig)
     cost: CostConfig = field(default_factory=CostConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 

@@ -43,6 +43,9 @@ class Task(Protocol):
         """Calibration data for the search."""
         ...
 
+    # Optional: ``prepare(supernet, cfg)``, run by the search (not by reports or benches that
+    # rebuild the SuperNet) before the pruner trains; the reuse kind learns its placement there.
+
     def extract_plan(self, probs: torch.Tensor, supernet: SuperNet, cfg: DictConfig) -> Plan:
         """Hard decisions meeting the budget from the learned keep probabilities ``(N,)``."""
         ...

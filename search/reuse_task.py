@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from dipgo.models.configured import load_configured_model
 from dipgo.models.io import sample_spec, text_conditioned
 from dipgo.postprocess.plan import Plan
-from dipgo.search.config import config_of
+from dipgo.search.config import PlacementConfig, config_of
 from dipgo.search.data import CalibrationDataModule, NoisePool, collate, map_tensors
 from dipgo.search.registry import register_task
 
@@ -117,7 +117,17 @@ class ReuseTask:
     variant = None
 
     def validate(self, cfg: DictConfig) -> None:
-        """Nothing beyond the checks every kind shares (:func:`dipgo.search.compose.validate_config`)."""
+        """The learned placement is the pruner's start: it needs ``init=prior`` and one budget."""
+        from dipgo.errors import ConfigError
+
+        if not cfg.search.placement.enabled:
+            return
+        if cfg.search.pruner.init != "prior":
+            raise ConfigError(f"search.placement.enabled=true learns where the pruner starts, which needs "
+                              f"search.pruner.init=prior (got {cfg.search.pruner.init!r})")
+        if cfg.search.pruner.budget_conditioned:
+            raise ConfigError("search.placement.enabled=true learns one budget's start; "
+                              "a budget-conditioned pruner (search.pruner.budget_conditioned=true) has many")
 
     def build(self, loaded: LoadedModel, cfg: DictConfig) -> Any:
         """The reuse SuperNet, refused before training (so before any run folder exists) when a
@@ -135,6 +145,12 @@ class ReuseTask:
             raise
         return supernet
 
+    def prepare(self, supernet: ReuseSuperNet, cfg: DictConfig) -> None:
+        """Before the pruner trains (not when a report or bench rebuilds the SuperNet): the
+        learned placement of the full steps, if ``search.placement.enabled``."""
+        if cfg.search.placement.enabled:
+            place_steps(supernet, cfg)
+
     def datamodule(self, loaded: LoadedModel, supernet: ReuseSuperNet, cfg: DictConfig) -> Any:
         return CalibrationDataModule(calibration_pool(loaded, cfg), cfg.data.batch_size, cfg.data.steps_per_epoch,
                                      cfg.seed, cfg.data.num_workers)
@@ -146,6 +162,9 @@ class ReuseTask:
                 "model_source": cfg.model.name}
         grid = supernet.gate_grid(probs)  # (S, B), row 0 = 1
         meta["keep_probs"] = [[round(float(p), 4) for p in row] for row in grid]
+        placement = getattr(supernet, "placement", None)
+        if placement is not None:
+            meta["placement"] = placement.to_meta()
         plan = extract_reuse_plan(probs, supernet, cfg.search.target, meta=meta)
         if cfg.search.refine.enabled:
             plan = refine(plan, probs, supernet, cfg)
@@ -174,7 +193,15 @@ def refine(plan: Plan, probs: torch.Tensor, supernet: ReuseSuperNet, cfg: DictCo
     search passes one that runs the plan on its sparse weights, while the reference stays dense.
     """
     from dipgo.postprocess.reuse_baselines import PLAN_BASELINES, baseline_plans
-    from dipgo.postprocess.reuse_refine import PlanSampler, RefineConfig, refine_grid, whole_steps_grid
+    from dipgo.postprocess.reuse_refine import (
+        PlanSampler,
+        RefineConfig,
+        fill_slack,
+        refine_grid,
+        repair,
+        whole_steps_grid,
+    )
+    from dipgo.search.reuse_placement import grid_of
 
     rc = cfg.search.refine
     config = replace(config_of(RefineConfig, rc), enabled=True)
@@ -194,21 +221,67 @@ def refine(plan: Plan, probs: torch.Tensor, supernet: ReuseSuperNet, cfg: DictCo
         return float(torch.log10(err.clamp_min(1e-20)).mean())
 
     target = plan.target
-    seeds = {"learned": plan.compute}
+    slot_probs = supernet.gate_grid(torch.as_tensor(probs, dtype=torch.float64).reshape(-1))[1:]  # (S-1, B)
+    pruner_compute, stage = plan.compute, {}
+    placement = getattr(supernet, "placement", None)
+    if placement is not None and placement.target == target:
+        # the pruner's two stages each give a plan: the learned placement (whole steps) and the
+        # gates trained from it; the gates can undo a good placement (docs/RESULTS.md), so the
+        # pruner's plan is the one that samples the calibration batch closer to the full model
+        placed = fill_slack(supernet, repair(supernet, grid_of(placement.rows, supernet.num_steps, len(supernet.units)),
+                                             slot_probs, target), slot_probs, target)
+        stage = {"gates": score(plan.compute), "placement": score(placed)}
+        if stage["placement"] < stage["gates"]:
+            pruner_compute = (supernet.effective(torch.tensor(placed, dtype=torch.float64)) > 0.5).tolist()
+    seeds = {"learned": pruner_compute}
     if "whole_steps" in config.seeds:
         seeds["whole_steps"] = whole_steps_grid(supernet, target)
     static = [n for n in config.seeds if n in PLAN_BASELINES]  # other kinds' seed names are ignored
     if static:
         plans, _ = baseline_plans(supernet, target, static, calib_batch=batch, seed=cfg.seed)
         seeds.update({n: p.compute for n, p in plans.items()})  # refine_grid repairs any over budget
-    slot_probs = supernet.gate_grid(torch.as_tensor(probs, dtype=torch.float64).reshape(-1))[1:]  # (S-1, B)
-    pruner_compute, pruner_cost = plan.compute, plan.cost_ratio
     grid, info = refine_grid(supernet, seeds, slot_probs, target, score, config, seed=cfg.seed)
     # the pruner's own plan, kept so the report can show what the refinement added
-    info["pruner_compute"], info["pruner_cost_ratio"] = pruner_compute, pruner_cost
+    info["pruner_compute"], info["pruner_cost_ratio"] = pruner_compute, supernet.plan_cost(pruner_compute)
+    if stage:
+        info["pruner_stage_scores"] = {k: round(v, 6) for k, v in stage.items()}
+        info["pruner_stage"] = min(stage, key=stage.get)
     if resumed is not None and resumed.steps_total:  # how much of the plans' steps really ran
         info["steps_run_fraction"] = round(resumed.steps_run / resumed.steps_total, 4)
     plan.compute = (supernet.effective(torch.tensor(grid, dtype=torch.float64)) > 0.5).tolist()
     plan.cost_ratio = supernet.plan_cost(plan.compute)
     plan.meta["refine"] = info
     return plan
+
+
+def place_steps(supernet: ReuseSuperNet, cfg: DictConfig) -> None:
+    """Learn where the pruner's start schedule puts its full steps (``search.placement``, see
+    :mod:`dipgo.search.reuse_placement`) and make it the ``init=prior`` start of the target."""
+    from dipgo.search.reuse_placement import learn_placement
+
+    config = config_of(PlacementConfig, cfg.search.placement)
+    pool = calibration_pool(supernet.model, cfg)
+    batch = collate([pool[i] for i in range(min(config.batch, len(pool)))])
+    batch.pop("index")
+    device = next(supernet.model.parameters()).device
+    batch = map_tensors(lambda t: t.to(device), batch)
+    target = float(cfg.search.target)
+    talk = bool(cfg.trainer.enable_progress_bar)
+    if talk:
+        print(f"dipgo search: learning where the full steps go ({config.iterations} steps x {config.samples} "
+              f"hard trajectories of {batch_size(batch)} calibration items)", flush=True)
+
+    def progress(it: int, mean: float) -> None:
+        if talk and ((it + 1) % 10 == 0 or it + 1 == config.iterations):
+            print(f"  placement {it + 1}/{config.iterations}: mean calibration log10 MSE {mean:.3f}", flush=True)
+
+    placement = learn_placement(supernet, batch, target, config, seed=cfg.seed, progress=progress)
+    supernet.placed_rows[target] = placement.rows
+    supernet.placement = placement
+    if talk:
+        print(f"dipgo search: full steps {placement.rows} (log10 MSE {placement.score:.3f}; evenly spaced "
+              f"{placement.start_score:.3f}) in {placement.seconds:.0f} s", flush=True)
+
+
+def batch_size(batch: dict[str, Any]) -> int:
+    return int(next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0])

@@ -145,6 +145,9 @@ def run_search(
     task = get_task(cfg.supernet.kind, cfg)
     loaded = load_configured_model(cfg)
     supernet = task.build(loaded, cfg)
+    prepare = getattr(task, "prepare", None)  # optional: work before the pruner trains (reuse: the learned placement)
+    if prepare is not None:
+        prepare(supernet, cfg)
     datamodule = task.datamodule(loaded, supernet, cfg)
     if ckpt_path is None and _spawned_rank_dir() is not None:
         run_dir = _spawned_rank_dir()  # a DDP worker re-running the command: join rank 0's run

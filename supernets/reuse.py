@@ -520,6 +520,9 @@ class ReuseSuperNet:
         self._model_fn = make_model_fn(model)
         self._skips_whole_steps = skips_whole_steps(model, [u.mode for u in self.units], config.whole_step_skip)
         self.slots = self._make_slots()
+        # learned full steps per target (dipgo.search.reuse_placement), used by prior_keep
+        self.placed_rows: dict[float, list[int]] = {}
+        self.placement: Any = None  # its record (a dipgo.search.reuse_placement.Placement), for the plan's meta
 
     # -- shape of the search space
     @property
@@ -573,12 +576,20 @@ class ReuseSuperNet:
         return whole_steps_rows(self.num_steps, target)
 
     def prior_keep(self, target: float) -> torch.Tensor:
-        """``(N,)`` slot keep decisions of the whole-steps schedule at ``target`` (step gates, if
-        any, open: the unit gates carry the schedule); the pruner's ``init=prior`` start.
+        """``(N,)`` slot keep decisions of the start schedule at ``target`` (step gates, if any,
+        open: the unit gates carry the schedule); the pruner's ``init=prior`` start.
 
-        The start is the largest evenly spaced schedule that stays within the budget, give or take
-        less than a quarter of one step's share of the MACs (what a DiT's skipped steps pay for
-        the embedding and head): 17 of 50 steps at 0.35 on the UNet (34 %, not round(17.5) = 18
+        The learned placement of that target (:attr:`placed_rows`, set by
+        :mod:`dipgo.search.reuse_placement`) if there is one, else :meth:`evenly_spaced_start`."""
+        rows = set(self.placed_rows.get(float(target), ())) or self.evenly_spaced_start(target)
+        keep = [s.step in rows for s in self.slots[: self.grid_shape[0] * self.grid_shape[1]]]
+        keep += [True] * (len(self.slots) - len(keep))
+        return torch.tensor(keep)
+
+    def evenly_spaced_start(self, target: float) -> set[int]:
+        """The full steps of the largest evenly spaced schedule that stays within the budget, give
+        or take less than a quarter of one step's share of the MACs (what a DiT's skipped steps pay
+        for the embedding and head): 17 of 50 steps at 0.35 on the UNet (34 %, not round(17.5) = 18
         steps at 36 %), 10 of 50 at 0.20 on the DiT (20.2 %). From a start above the budget the
         cost controller closes slots from the first step on, and the pruner spends its steps
         repairing the start (measured, pruner-only runs: the UNet at 0.35 gets 42.8 dB from 18
@@ -589,9 +600,7 @@ class ReuseSuperNet:
         while k > 1 and self.plan_cost(self._rows_grid(rows)) - target >= slack:
             k -= 1
             rows = evenly_spaced_rows(self.num_steps, k)
-        keep = [s.step in rows for s in self.slots[: self.grid_shape[0] * self.grid_shape[1]]]
-        keep += [True] * (len(self.slots) - len(keep))
-        return torch.tensor(keep)
+        return rows
 
     def _rows_grid(self, rows: set[int]) -> list[list[bool]]:
         return [[s in rows] * len(self.units) for s in range(self.num_steps)]
