@@ -165,6 +165,26 @@ def effective_grid(grid: torch.Tensor, graph: ConsumerGraph) -> torch.Tensor:
     return torch.stack(cols, dim=1)
 
 
+def cache_readers(rows: Sequence[Sequence[bool]], skip_whole: bool) -> list[tuple[bool, ...]]:
+    """Per step and unit: will a *later* step read this unit's cache? ``(S, B)`` booleans.
+
+    A cache (copy or forecast history) is read only where the unit is closed in a step that still
+    calls the model: with ``skip_whole`` a fully closed step returns the forecast model output and
+    reads no unit. A hard plan need not store, or update the history of, a unit nobody reads
+    again; its outputs are the same and it saves the forecast's arithmetic and memory (the
+    SubNet runs more than half of its steps as cheap skips, so this is wall-clock).
+    """
+    width = len(rows[0]) if rows else 0
+    later = [False] * width
+    readers: list[tuple[bool, ...]] = [()] * len(rows)
+    for s in reversed(range(len(rows))):
+        readers[s] = tuple(later)
+        row = rows[s]
+        if not (skip_whole and not any(row)):
+            later = [w or not c for w, c in zip(later, row)]
+    return readers
+
+
 # ----------------------------------------------------------------------------- runtime
 
 
@@ -198,6 +218,9 @@ class StepState:
             :class:`_Forecast` at order >= 1; read and replaced in place during the call.
         step: the sampling step of this call (where a forecast extrapolates to).
         order: forecast order of closed units (0 = copy).
+        keep: hard only, per unit: whether a later step reads its cache (:func:`cache_readers`);
+            a computed unit with ``False`` drops its cache instead of updating it. ``None`` keeps
+            every cache (the future rows are not known, e.g. TeaCache decides call by call).
     """
 
     hard: bool
@@ -206,6 +229,7 @@ class StepState:
     caches: dict[int, Any] = field(default_factory=dict)
     step: int = 0
     order: int = 0
+    keep: Sequence[bool] | None = None
 
 
 def _hidden_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -256,6 +280,9 @@ class ReuseRuntime:
         if state is None:
             return forward(*args, **kwargs)
         unit, prev = self.units[idx], state.caches.get(idx)
+        if state.keep is not None and state.compute[idx] and not state.keep[idx]:
+            state.caches.pop(idx, None)  # computed, and no later step reads it: nothing to remember
+            return forward(*args, **kwargs)
         if prev is None or (state.hard and state.compute[idx]):
             if state.order > 0:
                 return self._compute_forecast(state, idx, unit, prev, forward, args, kwargs)

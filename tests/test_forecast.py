@@ -10,7 +10,7 @@ from dipgo.postprocess.plan import FORECAST_ORDERS, Plan, ReusePayload
 from dipgo.postprocess.reuse_subnet import install_plan
 from dipgo.search.compose import compose_config
 from dipgo.supernets import forecast
-from dipgo.supernets.reuse import ReuseConfig, apply_reuse
+from dipgo.supernets.reuse import ReuseConfig, apply_reuse, cache_readers
 from dipgo.supernets.sampling import make_model_fn, make_scheduler, sample
 from tests.conftest import tiny_reuse_supernet, unet_batch
 
@@ -152,6 +152,38 @@ def test_history_memory_grows_with_the_order() -> None:
         peaks.append(handle.peak_cache_bytes)
     # order k keeps k + 1 tensors per cached output (value, d1, d2)
     assert peaks[1] == 2 * peaks[0] and peaks[2] == 3 * peaks[0]
+
+
+def test_cache_readers_are_the_later_steps_that_close_a_unit_and_still_call_the_model() -> None:
+    rows = [[True, True], [True, False], [False, False], [True, True]]
+    # unit 1 is read at step 1; step 2 closes both, but with whole-step skips it reads no unit
+    assert cache_readers(rows, skip_whole=True) == [(False, True), (False, False), (False, False), (False, False)]
+    assert cache_readers(rows, skip_whole=False) == [(True, True), (True, True), (False, False), (False, False)]
+    assert cache_readers([], skip_whole=True) == []
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_installed_plan_keeps_only_the_caches_a_later_step_reads(order: int) -> None:
+    """A unit never closed again holds no cache (time and memory), with the same samples bit for bit."""
+    model, sn = tiny_reuse_supernet(6, forecast_order=order)
+    batch = unet_batch()
+    width = len(sn.block_names)
+    one_late = [[True] * width for _ in range(6)]
+    one_late[4][0] = False  # only the first unit is ever closed (at step 4); its consumers still run
+    every_other = [[s % 2 == 0] * width for s in range(6)]  # whole-step skips: no unit cache is read
+    expected = {name: sn.sample(batch, rows) for name, rows in (("one_late", one_late), ("every_other", every_other))}
+    sn.remove()
+    peaks = {}
+    for name, rows in (("one_late", one_late), ("every_other", every_other), ("open", [[True] * width] * 6)):
+        with install_plan(model, _plan(sn, rows, order)) as handle, torch.no_grad():
+            final, _ = sample(make_model_fn(model), make_scheduler("ddim"), batch, 6, null_class=3)
+            if name in expected:
+                torch.testing.assert_close(final, expected[name], rtol=0, atol=0)
+            assert set(handle._caches) <= {0}, "only the unit a later step closes keeps a cache"
+        peaks[name] = handle.peak_cache_bytes
+    # the full model keeps only the model output's history; one late closure adds one unit's cache
+    assert peaks["every_other"] == peaks["open"] > 0
+    assert peaks["one_late"] > peaks["open"]
 
 
 def test_soft_gates_at_zero_and_one_give_the_hard_trajectory() -> None:
