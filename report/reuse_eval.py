@@ -520,6 +520,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if report.get("forecast_order"):
         lines.append(f"closed slots forecast (order {report['forecast_order']}); caches "
                      f"{report.get('peak_cache_bytes', 0) / 1e6:.2f} MB per sample")
+    for name, why in (report.get("skipped_baselines") or {}).items():
+        if SOLVER_BASELINES.get(name) == report.get("scheduler"):
+            continue  # the search's own sampler: its fewer-step row is in the table already
+        if not why.startswith(f"{name}:"):
+            why = f"{name}: {why}"
+        lines.append(f"not compared: {why}")  # a baseline missing from the table says why
     if report.get("verdict"):
         lines.append(f"verdict: {report['verdict']['sentence']}")
     if report.get("pruner_verdict"):

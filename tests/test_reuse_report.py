@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dipgo.report.reuse_eval import fd_sample_note, pruner_verdict, verdict
+from dipgo.report.reuse_eval import fd_sample_note, pruner_verdict, summary_lines, verdict
 from dipgo.search.compose import compose_config
 from dipgo.search.run import run_search
 from tests.conftest import tiny_search_overrides
@@ -34,6 +34,18 @@ def test_report_has_every_baseline_a_user_would_pick(tiny_unet_dir: Path, tmp_pa
     evaluate = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "fd_spread.py"))["evaluate"]
     with pytest.raises(SystemExit, match="digits denoisers only"):
         evaluate(result.run_dir, ["uniform"], seed=1, n=2)
+
+
+def test_summary_says_which_baselines_are_missing_and_why() -> None:
+    report = {"model": "UNet2DModel", "source": "tiny", "num_steps": 8, "scheduler": "ddim", "target": 0.25,
+              "latency_batch": 4, "variants": [{"name": "full", "label": "full", "macs_ratio": 1.0, "speedup": 1.0}],
+              "skipped_baselines": {"deepcache": "deepcache: no schedule in the searched grid costs at most 0.25",
+                                    "fewer_steps_ddim": "the search samples with ddim already: this is fewer_steps",
+                                    "teacache": "no threshold meets the budget"}}
+    missing = [line for line in summary_lines(report) if line.startswith("not compared: ")]
+    # the searched sampler's fewer-step row is in the table: not reported as missing
+    assert missing == ["not compared: deepcache: no schedule in the searched grid costs at most 0.25",
+                       "not compared: teacache: no threshold meets the budget"]
 
 
 def _report(dipgo: dict, *others: dict, full_fd: float | None = 1.0) -> dict:
