@@ -44,7 +44,7 @@ def evaluate_joint(loaded: LoadedModel, joint: Any, plan: Plan, cfg: DictConfig,
     parts = [{k: v[a:a + chunk] for k, v in items.items() if isinstance(v, torch.Tensor)} for a in range(0, n, chunk)]
     ref = torch.cat([joint.reference(b)["output"] for b in parts])
     sub = torch.cat([joint.sample(b, plan.compute, pruned=joint.pruned_state is not None) for b in parts])
-    judge = _digits_judge(loaded)
+    judge = _digits_judge(loaded, cfg.report.get("fd_judge", "auto"))
     kw = {"classifier": judge[0], "real_features": judge[1], "labels": labels} if judge is not None else {}
     fid = image_fidelity(sub, ref, **kw)
     row = {"name": "dipgo", "cost_ratio": plan.cost_ratio, **{k: float(v) for k, v in fid.items()}}

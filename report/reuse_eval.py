@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig
 
+from dipgo.errors import ConfigError
 from dipgo.measure.latency import compare_latency, speedup
 from dipgo.measure.machine import machine_record
 from dipgo.postprocess.plan import Plan
@@ -219,10 +220,27 @@ def build_variants(
     return variants, skipped
 
 
-def _digits_judge(loaded: LoadedModel) -> tuple[Any, torch.Tensor] | None:
-    """The digits classifier and its features of the real held-out digits, for digits denoisers."""
-    if getattr(loaded, "source", None) not in DIGITS_SOURCES:
+def check_fd_judge(loaded: LoadedModel, mode: str) -> None:
+    """Refuse ``report.fd_judge=digits`` for a model whose samples are not 1x16x16 (before a search runs)."""
+    if mode != "digits":
+        return
+    config = getattr(loaded.model, "config", None) or {}
+    shape = (config.get("in_channels"), config.get("sample_size"))
+    if shape != (1, 16):
+        raise ConfigError(f"report.fd_judge=digits judges 1x16x16 digits images, but {loaded.source} makes "
+                          f"{shape[0]} channel(s) of size {shape[1]}: use report.fd_judge=auto or none")
+
+
+def _digits_judge(loaded: LoadedModel, mode: str = "auto") -> tuple[Any, torch.Tensor] | None:
+    """The digits classifier and its features of the real held-out digits, for digits denoisers.
+
+    ``mode`` is ``report.fd_judge``: ``"auto"`` judges the shipped digits denoisers only (by name),
+    ``"digits"`` any denoiser of 1x16x16 images (a user's separately trained digits model; refused
+    in one sentence for other shapes), ``"none"`` none.
+    """
+    if mode == "none" or (mode == "auto" and getattr(loaded, "source", None) not in DIGITS_SOURCES):
         return None
+    check_fd_judge(loaded, mode)
     from dipgo.measure.fidelity import classifier_features
     from dipgo.models.digits import digits_tensors
     from dipgo.models.registry import load_digits_classifier
@@ -315,7 +333,7 @@ def evaluate_reuse(
     samples = {v.name: v.run(batch).cpu() for v in variants}
     consistency = float((supernet_hard.cpu() - samples["dipgo"]).abs().max())
 
-    judge = _digits_judge(loaded)
+    judge = _digits_judge(loaded, cfg.report.get("fd_judge", "auto"))
     labels = batch["class_labels"].cpu() if "class_labels" in batch else None
     compared, space, data_range = _fidelity_space(loaded, samples, device, cfg)
     fidelity: dict[str, dict[str, float]] = {}

@@ -49,7 +49,7 @@ def evaluate(run_dir: Path, baselines: list[str], seed: int, n: int) -> dict:
     plan = Plan.load(run_dir / "plan.json")
     task = get_task(cfg.supernet.kind, cfg)
     loaded = load_configured_model(cfg)
-    judge = reuse_eval._digits_judge(loaded)
+    judge = reuse_eval._digits_judge(loaded, cfg.report.get("fd_judge", "auto"))
     if judge is None:
         raise SystemExit(f"{run_dir}: the FD proxy exists for the digits denoisers only, this run is {loaded.source}")
     supernet = task.build(loaded, cfg)

@@ -34,6 +34,7 @@ from dipgo.models.digits import NUM_CLASSES, digits_tensors, sample_digits, to_u
 from dipgo.models.registry import digits_classifier_features, load_model
 
 SEED = 0
+SUFFIX = ""  # folder suffix of a variant denoiser (--suffix); the shipped references have none
 NULL_LABEL = NUM_CLASSES  # label 10: the classifier-free-guidance "no class" label
 TRAIN_TIMESTEPS = 1000
 BETA_SCHEDULE = "squaredcos_cap_v2"
@@ -73,7 +74,8 @@ DIT_ARGS = dict(
 # ----------------------------------------------------------------------------- shared helpers
 
 
-def seed_all(seed: int = SEED) -> torch.Generator:
+def seed_all(seed: int | None = None) -> torch.Generator:
+    seed = SEED if seed is None else seed  # read at call time: --seed changes it
     torch.manual_seed(seed)
     np.random.seed(seed)
     return torch.Generator().manual_seed(seed)
@@ -355,12 +357,13 @@ def run_denoiser(which: str, out: Path, steps: int, lr: float, batch: int, guida
     t0 = time.time()
     ema, last_loss = train_denoiser(model, steps, lr, batch)
     train_s = time.time() - t0
-    folder = out / f"digits_{which}"
+    folder = out / f"digits_{which}{SUFFIX}"
     ema.save_pretrained(str(folder / ("unet" if which == "unet" else "transformer")), safe_serialization=True)
     ddim_scheduler().save_config(str(folder / "scheduler"))
     x1, t1, c1 = torch.zeros(1, 1, 16, 16), torch.tensor([500]), torch.tensor([3])
     metrics = {
-        "model": f"digits_{which}",
+        "model": f"digits_{which}{SUFFIX}",
+        "seed": SEED,
         "class": type(ema).__name__,
         "final_train_loss": round(last_loss, 4),
         "train_seconds": round(train_s, 1),
@@ -385,7 +388,7 @@ def run_denoiser(which: str, out: Path, steps: int, lr: float, batch: int, guida
 def evaluate_denoiser(which: str, out: Path, guidances: list[float]) -> dict:
     """Sample quality of the saved denoiser in --out at each guidance scale, merged into metrics.json;
     samples.png shows the default guidance scale (or the first one evaluated if none is there yet)."""
-    folder = out / f"digits_{which}"
+    folder = out / f"digits_{which}{SUFFIX}"
     loaded = load_model(str(folder))
     classifier = _cnn_from(out)
     metrics = loaded.extra["metrics"]
@@ -426,11 +429,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--eval-only", action="store_true", help="only re-judge saved denoisers (unet/dit) in --out"
     )
+    # a variant denoiser that dipgo's recipes were never tuned on (docs/RESULTS.md, "a model dipgo
+    # never saw"): another seed, noise schedule and UNet width, written to digits_<which><suffix>/
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--beta-schedule", default=BETA_SCHEDULE, choices=["squaredcos_cap_v2", "linear", "scaled_linear"])
+    p.add_argument("--unet-channels", type=int, nargs=3, default=list(UNET_ARGS["block_out_channels"]))
+    p.add_argument("--suffix", default="", help="folder suffix, e.g. _hidden -> digits_unet_hidden/")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    global SEED, BETA_SCHEDULE, SUFFIX
+    SEED, BETA_SCHEDULE, SUFFIX = args.seed, args.beta_schedule, args.suffix
+    UNET_ARGS["block_out_channels"] = tuple(args.unet_channels)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     todo = ["cnn", "resnet", "vit", "unet", "dit"] if args.which == "all" else [args.which]

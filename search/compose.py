@@ -34,6 +34,7 @@ BASELINES: tuple[str, ...] = (
     "magnitude", "wanda", "owl", "sparsegpt",
 )
 SCHEDULERS: tuple[str, ...] = ("ddim", "dpmsolver++", "euler", "unipc")
+FD_JUDGES: tuple[str, ...] = ("auto", "digits", "none")
 """``supernet.scheduler`` names: ``supernets.sampling.SCHEDULER_NAMES`` spelled out, because importing
 the sampling table imports diffusers and composing must stay light (a test keeps the two equal)."""
 GROUPS: tuple[str, ...] = ("model", "supernet", "search", "data", "trainer", "logger", "report", "recipe")
@@ -95,6 +96,7 @@ def validate_config(cfg: DictConfig) -> None:
     _one_of("logger.wandb_mode", cfg.logger.wandb_mode, ("auto", "offline", "online", "disabled"))
     _one_of("search.cost.mode", cfg.search.cost.mode, ("two_sided", "hinge"))
     _one_of("search.cost.controller", cfg.search.cost.controller, ("dual", "fixed"))
+    _one_of("report.fd_judge", cfg.report.get("fd_judge", "auto"), FD_JUDGES)
     for name in cfg.report.baselines:
         _one_of("report.baselines entry", name, BASELINES)
     for key, value, low in (

@@ -258,6 +258,9 @@ class ReportConfig:
     latency_batch: int = 16
     baselines: list[str] = field(default_factory=lambda: ["fewer_steps", "fewer_steps_ddim", "fewer_steps_dpmsolver++", "fewer_steps_unipc", "deepcache", "uniform", "static_per_block", "random", "taylorseer1", "taylorseer2", "teacache"])  # at the same MACs; DiTs also: first_block_cache, pyramid_attention_broadcast, faster_cache
     plots: bool = True
+    # the FD proxy's judge: "auto" = the digits classifier for the shipped digits denoisers,
+    # "digits" = also for your own denoiser of 1x16x16 digits (a separately trained model), "none"
+    fd_judge: str = "auto"
 
 
 @dataclass

@@ -144,6 +144,10 @@ def run_search(
     _check_global_batch(cfg)
     task = get_task(cfg.supernet.kind, cfg)
     loaded = load_configured_model(cfg)
+    if cfg.supernet.kind in ("reuse", "joint"):  # the report's FD judge must fit the model: refuse before any work
+        from dipgo.report.reuse_eval import check_fd_judge
+
+        check_fd_judge(loaded, cfg.report.get("fd_judge", "auto"))
     supernet = task.build(loaded, cfg)
     prepare = getattr(task, "prepare", None)  # optional: work before the pruner trains (reuse: the learned placement)
     if prepare is not None:

@@ -51,6 +51,7 @@ def test_search_cfg_prints_composed_config(capsys: pytest.CaptureFixture[str]) -
         (["search", "model.name=./no/such/folder"], "No folder at './no/such/folder'"),
         (["search", "model.name=not_a_model"], "Unknown model 'not_a_model'"),
         (["search", "model=digits_cnn"], "needs a diffusion denoiser"),
+        (["search", "report.fd_judge=inception"], "report.fd_judge"),
         (["bench", "no_such_run"], "is not a dipgo run directory"),
         (["report", "no_such_folder"], "no such file or folder"),
     ],

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dipgo.report.reuse_eval import fd_sample_note, pruner_verdict, summary_lines, verdict
+from dipgo.errors import ConfigError
+from dipgo.report.reuse_eval import _digits_judge, fd_sample_note, pruner_verdict, summary_lines, verdict
 from dipgo.search.compose import compose_config
 from dipgo.search.run import run_search
 from tests.conftest import tiny_search_overrides
@@ -34,6 +35,25 @@ def test_report_has_every_baseline_a_user_would_pick(tiny_unet_dir: Path, tmp_pa
     evaluate = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "fd_spread.py"))["evaluate"]
     with pytest.raises(SystemExit, match="digits denoisers only"):
         evaluate(result.run_dir, ["uniform"], seed=1, n=2)
+
+
+def test_fd_judge_digits_judges_a_users_own_digits_model_and_refuses_other_shapes(tiny_unet_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """A separately trained digits denoiser (any folder) gets the FD proxy when asked for it."""
+    from types import SimpleNamespace
+
+    own = SimpleNamespace(source="/somewhere/my_digits_unet", model=SimpleNamespace(config={"in_channels": 1, "sample_size": 16}))
+    assert _digits_judge(own, "auto") is None  # by default only the shipped digits denoisers are judged
+    classifier, real = _digits_judge(own, "digits")
+    assert real.ndim == 2 and real.shape[0] > 100  # the classifier's features of the real held-out digits
+    shipped = SimpleNamespace(source="digits_unet", model=own.model)
+    assert _digits_judge(shipped, "none") is None
+    # an 8x8 model cannot be judged by the 16x16 digits classifier: refused before the search starts
+    runs = tmp_path / "runs"
+    overrides = tiny_search_overrides(tiny_unet_dir, runs, **{"report.fd_judge": "digits"})
+    with pytest.raises(ConfigError, match="report.fd_judge=digits judges 1x16x16"):
+        run_search(compose_config(overrides)[0], quiet=True)
+    assert not any(runs.rglob("*.yaml")), "a refused search writes nothing"
 
 
 def test_summary_says_which_baselines_are_missing_and_why() -> None:
