@@ -75,9 +75,15 @@ def to_unit_range(x: Tensor) -> Tensor:
     return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
+def class_conditional(denoiser: torch.nn.Module) -> bool:
+    """Whether a digits denoiser takes class labels (an unconditional UNet2DModel has no class embedding)."""
+    return getattr(denoiser, "class_embedding", True) is not None
+
+
 def _eps(denoiser: torch.nn.Module, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
-    """Epsilon prediction of a class-conditional diffusers denoiser (UNet2DModel or DiT)."""
-    out = denoiser(x, t, class_labels=labels, return_dict=False)[0]
+    """Epsilon prediction of a diffusers digits denoiser (UNet2DModel or DiT); an unconditional
+    one is called without the labels."""
+    out = denoiser(x, t, class_labels=labels if class_conditional(denoiser) else None, return_dict=False)[0]
     # learned-sigma models (out_channels = 2 * in_channels) put eps first
     return out[:, : x.shape[1]]
 
@@ -94,12 +100,15 @@ def sample_digits(
     generator: torch.Generator | None = None,
     size: int = 16,
 ) -> Tensor:
-    """DDIM samples ``(N, 1, size, size)`` in [-1, 1] from a class-conditional denoiser.
+    """DDIM samples ``(N, 1, size, size)`` in [-1, 1] from a digits denoiser.
 
     ``labels`` is ``(N,)``; classifier-free guidance mixes the conditional prediction with the
-    one for ``null_label`` (skipped when ``guidance_scale == 1``). ``scheduler`` is any diffusers
+    one for ``null_label`` (skipped when ``guidance_scale == 1``). An unconditional denoiser
+    ignores the labels (only their count matters) and needs ``guidance_scale == 1``. ``scheduler`` is any diffusers
     scheduler with ``set_timesteps``/``step``; a fresh copy is made, so the caller's is untouched.
     """
+    if guidance_scale != 1.0 and not class_conditional(denoiser):
+        raise ValueError(f"an unconditional denoiser has no classifier-free guidance: use guidance_scale=1, not {guidance_scale}")
     sched = type(scheduler).from_config(scheduler.config)
     sched.set_timesteps(num_steps)
     n = labels.shape[0]

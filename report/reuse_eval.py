@@ -531,7 +531,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
                      + (f" (data range {report['fidelity_data_range']:.2f})" if report["fidelity_space"] == "latents" else ""))
     full = report.get("full", {})
     if full.get("fd") is not None:
-        lines.append(f"full model: FD {full['fd']:.2f}, accuracy {full['accuracy']:.0%} (FD = Fréchet distance in digits-classifier features to real held-out digits)")
+        # an unconditional denoiser has no class to be accurate about: FD only
+        accuracy = f", accuracy {full['accuracy']:.0%}" if full.get("accuracy") is not None else ""
+        lines.append(f"full model: FD {full['fd']:.2f}{accuracy} (FD = Fréchet distance in digits-classifier features to real held-out digits)")
         note = fd_sample_note(report)
         if note:
             lines.append(note)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dipgo.measure.macs import model_macs
-from dipgo.models.digits import NUM_CLASSES, digits_tensors, sample_digits, to_unit_range
+from dipgo.models.digits import NUM_CLASSES, class_conditional, digits_tensors, sample_digits, to_unit_range
 from dipgo.models.registry import digits_classifier_features, load_model
 
 SEED = 0
@@ -261,7 +261,8 @@ def train_denoiser(model: nn.Module, steps: int, lr: float, batch: int) -> tuple
     for step in range(steps):
         set_lr(opt, cosine_lr(step, steps, lr, warmup=100))
         xt, t, labels, noise = denoiser_batch(x, y, noise_sched, gen, batch)
-        loss = F.mse_loss(model(xt, t, class_labels=labels, return_dict=False)[0], noise)
+        cond = labels if class_conditional(model) else None
+        loss = F.mse_loss(model(xt, t, class_labels=cond, return_dict=False)[0], noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -322,13 +323,16 @@ def sample_quality(
     )
     sample_s = time.time() - t0
     pred = torch.cat([classifier(c).argmax(1) for c in samples.split(512)])
+    conditional = class_conditional(model)
     x_test, _ = digits_tensors("test")
     fd = frechet_distance(
         digits_classifier_features(classifier, samples), digits_classifier_features(classifier, x_test)
     )
     stats = {
         "guidance_scale": guidance,
-        "classifier_accuracy": round((pred == labels).float().mean().item(), 4),
+        # an unconditional model draws digits of its own choosing: how evenly it covers the classes instead
+        **({"classifier_accuracy": round((pred == labels).float().mean().item(), 4)} if conditional else
+           {"class_histogram": torch.bincount(pred, minlength=NUM_CLASSES).tolist()}),
         "frechet_distance_vs_test": round(fd, 3),
         "sampling_seconds": round(sample_s, 1),
     }
@@ -372,11 +376,12 @@ def run_denoiser(which: str, out: Path, steps: int, lr: float, batch: int, guida
         "lr": lr,
         "ema_decay": 0.999,
         "params": n_params(ema),
-        "macs_per_forward": model_macs(ema, x1, t1, class_labels=c1),
+        "macs_per_forward": model_macs(ema, x1, t1, class_labels=c1 if class_conditional(ema) else None),
+        "class_conditional": class_conditional(ema),
         "beta_schedule": BETA_SCHEDULE,
-        "null_label": NULL_LABEL,
+        "null_label": NULL_LABEL if class_conditional(ema) else None,
         "sampler": f"DDIM {EVAL_STEPS} steps, eta 0",
-        "default_guidance_scale": DEFAULT_GUIDANCE,
+        "default_guidance_scale": DEFAULT_GUIDANCE if class_conditional(ema) else 1.0,
         "eval_samples": NUM_CLASSES * EVAL_PER_CLASS,
         "judge": "digits_cnn (penultimate features for the Frechet distance)",
         "sample_quality": {},
@@ -435,6 +440,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--beta-schedule", default=BETA_SCHEDULE, choices=["squaredcos_cap_v2", "linear", "scaled_linear"])
     p.add_argument("--unet-channels", type=int, nargs=3, default=list(UNET_ARGS["block_out_channels"]))
     p.add_argument("--suffix", default="", help="folder suffix, e.g. _hidden -> digits_unet_hidden/")
+    p.add_argument("--unconditional", action="store_true",
+                   help="train the UNet without class labels (evaluate it with --guidance 1)")
     return p.parse_args(argv)
 
 
@@ -443,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     global SEED, BETA_SCHEDULE, SUFFIX
     SEED, BETA_SCHEDULE, SUFFIX = args.seed, args.beta_schedule, args.suffix
     UNET_ARGS["block_out_channels"] = tuple(args.unet_channels)
+    if args.unconditional:
+        if args.which != "unet" or any(g != 1.0 for g in args.guidance):
+            print("error: --unconditional trains the UNet only (--which unet) and samples it with --guidance 1.",
+                  file=sys.stderr)
+            return 2
+        UNET_ARGS["num_class_embeds"] = None
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     todo = ["cnn", "resnet", "vit", "unet", "dit"] if args.which == "all" else [args.which]

@@ -80,6 +80,20 @@ def test_sample_digits_shapes_and_range():
     assert loaded.scheduler.num_inference_steps is None  # the caller's scheduler is left untouched
 
 
+def test_sample_digits_runs_an_unconditional_unet_and_refuses_guidance_for_it():
+    """scripts/train_reference.py --unconditional trains such a UNet; it is sampled without labels."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+    out = sample_digits(unet, DDIMScheduler(), torch.tensor([1, 7]), guidance_scale=1.0, num_steps=2)
+    assert out.shape == (2, 1, 16, 16) and out.min() >= -1 and out.max() <= 1
+    with pytest.raises(ValueError, match="unconditional denoiser has no classifier-free guidance"):
+        sample_digits(unet, DDIMScheduler(), torch.tensor([1]), guidance_scale=2.0, num_steps=2)
+
+
 @pytest.mark.parametrize(
     "given", ["digits_resnet50", "no_such_model_xyz", "./does/not/exist", "/tmp/nowhere/at/all"]
 )

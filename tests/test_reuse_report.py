@@ -6,6 +6,7 @@ import runpy
 from pathlib import Path
 
 import pytest
+import torch
 
 from dipgo.errors import ConfigError
 from dipgo.report.reuse_eval import _digits_judge, fd_sample_note, pruner_verdict, summary_lines, verdict
@@ -54,6 +55,25 @@ def test_fd_judge_digits_judges_a_users_own_digits_model_and_refuses_other_shape
     with pytest.raises(ConfigError, match="report.fd_judge=digits judges 1x16x16"):
         run_search(compose_config(overrides)[0], quiet=True)
     assert not any(runs.rglob("*.yaml")), "a refused search writes nothing"
+
+
+def test_an_unconditional_digits_unet_is_judged_by_fd_alone(tmp_path: Path) -> None:
+    """A user's own unconditional 1x16x16 denoiser: the report has an FD but no class to be accurate
+    about, and its summary says so instead of failing after the whole search."""
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    folder = tmp_path / "my_unconditional_digits"
+    UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                norm_num_groups=4).save_pretrained(folder / "unet")
+    DDIMScheduler(num_train_timesteps=1000).save_config(folder / "scheduler")
+    overrides = tiny_search_overrides(folder, tmp_path / "runs", **{"report.fd_judge": "digits", "report.plots": False,
+                                                                    "report.baselines": "[fewer_steps]"})
+    result = run_search(compose_config(overrides)[0], quiet=True)
+    assert result.report["full"]["fd"] > 0 and result.report["full"]["accuracy"] is None
+    full_line = next(line for line in result.summary if line.startswith("full model: FD"))
+    assert "accuracy" not in full_line
 
 
 def test_summary_says_which_baselines_are_missing_and_why() -> None:
