@@ -98,6 +98,8 @@ def test_verdict_needs_psnr_and_fd() -> None:
     base = {"name": "fewer_steps_unipc", "macs_ratio": 0.25, "psnr": 34.0, "fd": 1.05}
     win = verdict(_report({"macs_ratio": 0.25, "psnr": 36.0, "fd": 1.04}, base))
     assert win["dipgo_wins"] is True and "best on PSNR" in win["sentence"]
+    # an FD 1.04 against a baseline's 1.05 and the full model's 1.0 wins by being within 10 %, and says so
+    assert "FD within 10 % of the best (1.04 vs 1.05, fewer_steps_unipc, full 1.00)" in win["sentence"]
     psnr_loss = verdict(_report({"macs_ratio": 0.25, "psnr": 33.0, "fd": 1.0}, base))
     assert psnr_loss["dipgo_wins"] is False and "PSNR to fewer_steps_unipc" in psnr_loss["sentence"]
     fd_loss = verdict(_report({"macs_ratio": 0.25, "psnr": 36.0, "fd": 1.3}, base))
