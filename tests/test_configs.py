@@ -43,6 +43,16 @@ def test_recipe_sets_its_name_and_groups() -> None:
     assert choices["model"] == "digits_dit"
 
 
+def test_unet_reuse_recipes_learn_the_placement_and_keep_their_gate_steps() -> None:
+    """The DPM-25 recipe inherits the default's placement but not its short gate training: its
+    benchmark (docs/RESULTS.md) was measured with 100 gate steps, the default's with 20."""
+    ddim, _ = compose_config(["recipe=digits_unet_reuse"])
+    dpm, _ = compose_config(["recipe=digits_unet_reuse_dpm25"])
+    assert ddim.search.placement.enabled and dpm.search.placement.enabled
+    assert (ddim.trainer.max_steps, dpm.trainer.max_steps) == (20, 100)
+    assert (dpm.supernet.scheduler, dpm.supernet.num_steps) == ("dpmsolver++", 25)
+
+
 def test_override_is_typed() -> None:
     cfg, _ = compose_config(["search.target=0.3", "trainer.max_steps=7"])
     assert cfg.search.target == pytest.approx(0.3)
