@@ -15,6 +15,7 @@ _LAZY: dict[str, str] = {
     "validate_plan": "dipgo.postprocess.reuse_plan",
     "install_plan": "dipgo.postprocess.reuse_subnet",
     "enable": "dipgo.postprocess.reuse_subnet",
+    "schedule_scheduler": "dipgo.postprocess.reuse_subnet",
     "ReuseSubNet": "dipgo.postprocess.reuse_subnet",
     "check_plan_matches": "dipgo.postprocess.block_subnet",
     "export_block_subnet": "dipgo.postprocess.block_subnet",

@@ -6,7 +6,10 @@ the search code, and so that it can be diffed, committed and reloaded anywhere.
 
 For the ``reuse`` kind, ``compute`` is a ``steps x blocks`` grid of booleans: ``True`` means the
 block is computed at that step, ``False`` means its output is reused from the previous step.
-Row 0 is always all ``True`` (nothing to reuse yet).
+Row 0 is always all ``True`` (nothing to reuse yet). A reuse plan may instead be a *solver
+schedule* (:class:`SolverSchedule`): every call computes the whole model, but the sampler runs K
+learned timesteps of a multistep solver in place of the reference's S steps; its grid is then
+K all-``True`` rows and ``num_steps`` is K.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ PLAN_VERSION = 1
 # forecast orders a reuse plan may record (supernets/forecast.py FORECAST_ORDERS; kept literal so
 # that reading a plan imports no torch)
 FORECAST_ORDERS: tuple[int, ...] = (0, 1, 2)
+# solvers a solver-schedule plan may name (supernets/sampling.py SCHEDULE_SOLVERS; literal, as above)
+SCHEDULE_SOLVERS: tuple[str, ...] = ("dpmsolver++", "unipc")
 
 
 @dataclass
@@ -64,6 +69,12 @@ class Plan:
                 )
             if not all(self.compute[0]):
                 raise PlanError("reuse plan must compute every block at step 0 (nothing to reuse yet)")
+            schedule = self.payload.schedule
+            if schedule is not None and (len(schedule.timesteps) != self.num_steps
+                                         or not all(all(row) for row in self.compute)):
+                raise PlanError(f"a solver-schedule plan computes every block at each of its "
+                                f"{len(schedule.timesteps)} timesteps, but its grid has {len(self.compute)} rows "
+                                "with some blocks closed")
 
     @property
     def num_closed(self) -> int:
@@ -102,6 +113,42 @@ class Plan:
 
 
 @dataclass(frozen=True)
+class SolverSchedule:
+    """A reuse plan that changes the sampler instead of the denoiser: ``scheduler`` (a multistep
+    solver) runs exactly ``timesteps`` (strictly decreasing), one full denoiser call each, in place
+    of the ``reference_steps``-step ``reference_scheduler`` trajectory the plan was searched
+    against. Stored in a plan's ``meta`` as ``solver_schedule``."""
+
+    scheduler: str
+    timesteps: list[int]
+    reference_scheduler: str
+    reference_steps: int
+
+    def __post_init__(self) -> None:
+        if self.scheduler not in SCHEDULE_SOLVERS:
+            raise PlanError(f"a solver schedule runs on {' or '.join(SCHEDULE_SOLVERS)}, got {self.scheduler!r}")
+        ts = self.timesteps
+        if (not ts or any(type(t) is not int for t in ts) or any(a <= b for a, b in zip(ts, ts[1:]))
+                or ts[-1] < 0):
+            raise PlanError(f"solver schedule timesteps must be strictly decreasing non-negative integers, got {ts!r}")
+        if type(self.reference_steps) is not int or self.reference_steps < 1:
+            raise PlanError(f"solver schedule reference_steps must be a positive integer, got {self.reference_steps!r}")
+
+    @classmethod
+    def from_meta(cls, data: dict[str, Any] | None) -> SolverSchedule | None:
+        if data is None:
+            return None
+        try:
+            return cls(str(data["scheduler"]), list(data["timesteps"]), str(data["reference_scheduler"]),
+                       data["reference_steps"])
+        except (KeyError, TypeError) as exc:
+            raise PlanError(f"plan solver_schedule is not a solver schedule: {exc}") from None
+
+    def to_meta(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class ReusePayload:
     """How the reuse units are rebuilt: ``granularity`` (block / layer), the requested ``mode``, the
     per-unit ``modes`` the search used (output / residual), checked against the model, and what a
@@ -115,6 +162,8 @@ class ReusePayload:
     modes: list[str] | None = None
     forecast_order: int = 0
     whole_step_skip: bool | None = None
+    schedule: SolverSchedule | None = None
+    """Set on solver-schedule plans (written only then)."""
 
     def __post_init__(self) -> None:
         if self.whole_step_skip is not None and type(self.whole_step_skip) is not bool:
@@ -129,7 +178,7 @@ class ReusePayload:
         modes = meta.get("modes")
         return cls(str(meta.get("granularity", "block")), str(meta.get("mode", "auto")),
                    None if modes is None else [str(m) for m in modes], meta.get("forecast_order", 0),
-                   meta.get("whole_step_skip"))
+                   meta.get("whole_step_skip"), SolverSchedule.from_meta(meta.get("solver_schedule")))
 
     def to_meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"granularity": self.granularity, "mode": self.mode, "modes": self.modes}
@@ -137,6 +186,8 @@ class ReusePayload:
             meta["forecast_order"] = self.forecast_order
         if self.whole_step_skip is not None:
             meta["whole_step_skip"] = self.whole_step_skip
+        if self.schedule is not None:
+            meta["solver_schedule"] = self.schedule.to_meta()
         return meta
 
 

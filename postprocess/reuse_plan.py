@@ -150,9 +150,11 @@ def check_plan_fits(plan: Plan, model_class: str, blocks: list[str], num_steps: 
             f"plan blocks do not match the model's {len(blocks)} gated blocks "
             f"(plan has {len(plan.blocks)}; first differences: {', '.join(missing) or 'order'})"
         )
-    if num_steps is not None and plan.num_steps != num_steps:
-        raise PlanError(f"plan was made for {plan.num_steps} sampling steps but {num_steps} are used")
-    searched = (plan.meta or {}).get("scheduler")
+    schedule = plan.payload.schedule  # a solver schedule is checked against the reference it was searched for
+    made_for = schedule.reference_steps if schedule is not None else plan.num_steps
+    if num_steps is not None and made_for != num_steps:
+        raise PlanError(f"plan was made for {made_for} sampling steps but {num_steps} are used")
+    searched = schedule.reference_scheduler if schedule is not None else (plan.meta or {}).get("scheduler")
     if scheduler is not None and searched is not None and searched != scheduler:
         raise PlanError(
             f"plan was searched on the {searched} sampler but {scheduler} is used: sample with "
@@ -180,5 +182,22 @@ def resample_grid(compute: Sequence[Sequence[bool]], num_steps: int) -> list[lis
 
 
 def validate_plan(plan: Plan, supernet: ReuseSuperNet) -> None:
-    """Check that ``plan`` fits ``supernet`` (model class, blocks, step count, sampler); raises PlanError."""
+    """Check that ``plan`` fits ``supernet`` (model class, blocks, step count, sampler; a solver
+    schedule: the reference's); raises PlanError."""
     check_plan_fits(plan, supernet.model_class, supernet.block_names, supernet.num_steps, supernet.config.scheduler)
+
+
+def grid_plan(plan: Plan) -> Plan:
+    """The plan on the reference's ``steps x blocks`` grid: the plan itself, or for a solver
+    schedule the forecast plan it beat (``meta.forecast_plan``), which the report still shows."""
+    if plan.payload.schedule is None:
+        return plan
+    kept = plan.meta.get("forecast_plan")
+    if kept is None:
+        raise PlanError("this solver-schedule plan does not record the forecast plan it was compared with")
+    meta = {k: v for k, v in plan.meta.items() if k not in ("solver_schedule", "forecast_plan")}
+    meta["scheduler"] = plan.payload.schedule.reference_scheduler
+    if kept.get("keep_probs") is not None:
+        meta["keep_probs"] = kept["keep_probs"]
+    return Plan(kind="reuse", model=plan.model, blocks=plan.blocks, compute=kept["compute"], target=plan.target,
+                cost_ratio=float(kept["cost_ratio"]), num_steps=len(kept["compute"]), meta=meta)

@@ -51,7 +51,7 @@ from dipgo.supernets.reuse import (
     effective_grid,
     skips_whole_steps,
 )
-from dipgo.supernets.sampling import make_model_fn, make_scheduler, sample, scheduler_name
+from dipgo.supernets.sampling import make_model_fn, make_scheduler, pinned_scheduler, sample, scheduler_name
 
 SUBNET_FORMAT = "dipgo.reuse_subnet"
 SUBNET_VERSION = 1
@@ -281,6 +281,10 @@ def install_plan(model: nn.Module, plan: Plan, num_steps: int | None = None, sch
     memory the caches took.
     """
     reuse = ReusePayload.from_meta(plan.meta or {})  # a reuse plan's payload, or a joint plan's reuse part
+    if reuse.schedule is not None:
+        raise PlanError(f"this plan is a solver schedule ({len(reuse.schedule.timesteps)} {reuse.schedule.scheduler} steps "
+                        "at learned timesteps): it changes the sampler, not the denoiser, so run it with "
+                        "dipgo.enable(pipe, plan), ReuseSubNet.sample or schedule_scheduler(plan)")
     scheduler_obj = None if scheduler is None or isinstance(scheduler, str) else scheduler
     if scheduler_obj is not None:
         _refuse_multi_evaluation(scheduler_obj)
@@ -307,7 +311,36 @@ def _refuse_multi_evaluation(scheduler: Any) -> None:
         )
 
 
-def enable(pipe: Any, plan: Plan | str | Path, resample: bool = False) -> ReusePlanHandle:
+def schedule_scheduler(plan: Plan, scheduler_config: Mapping[str, Any] | None = None) -> Any:
+    """The diffusers scheduler that runs a solver-schedule plan: its solver, pinned to the plan's
+    timesteps whatever ``set_timesteps`` is asked (the plan's step count or its reference's; any
+    other count is refused). ``scheduler_config``: the model folder's (beta schedule, prediction type)."""
+    schedule = ReusePayload.from_meta(plan.meta or {}).schedule
+    if schedule is None:
+        raise PlanError("this plan is not a solver schedule: install it with install_plan or dipgo.enable")
+    return pinned_scheduler(schedule.scheduler, schedule.timesteps, scheduler_config,
+                            accept_steps=[schedule.reference_steps])
+
+
+class SchedulePlanHandle:
+    """A solver-schedule plan enabled on a pipeline: ``remove()`` puts the pipeline's scheduler back."""
+
+    def __init__(self, pipe: Any, plan: Plan) -> None:
+        self.plan, self._pipe, self._original = plan, pipe, pipe.scheduler
+        pipe.scheduler = schedule_scheduler(plan, dict(pipe.scheduler.config))
+        self.peak_cache_bytes = 0  # nothing is cached: every call is the whole model
+
+    def remove(self) -> None:
+        self._pipe.scheduler = self._original
+
+    def __enter__(self) -> SchedulePlanHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def enable(pipe: Any, plan: Plan | str | Path, resample: bool = False) -> ReusePlanHandle | SchedulePlanHandle:
     """Install ``plan`` (a Plan, or the path of a ``plan.json``) on a diffusers pipeline's
     denoiser (``pipe.unet`` or ``pipe.transformer``); also ``dipgo.enable``.
 
@@ -317,6 +350,11 @@ def enable(pipe: Any, plan: Plan | str | Path, resample: bool = False) -> ReuseP
     runs the plan stretched to it). Pipelines with a second denoiser (Wan 2.2's
     ``transformer_2``) and Heun-like solvers are refused. Returns the handle;
     ``handle.remove()`` restores the pipeline exactly.
+
+    A solver-schedule plan (``meta.solver_schedule``) replaces the pipeline's scheduler by its
+    solver pinned to the learned timesteps (:func:`schedule_scheduler`), built from the pipeline
+    scheduler's config, which must be the reference sampler the plan was searched against; run
+    the pipeline with the reference's ``num_inference_steps`` (or the schedule's).
     """
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
@@ -331,11 +369,16 @@ def enable(pipe: Any, plan: Plan | str | Path, resample: bool = False) -> ReuseP
                         "steps; a reuse plan covers one denoiser's trajectory: set pipe.transformer_2 to None")
     sched = getattr(pipe, "scheduler", None)
     name = scheduler_name(sched)
-    searched = (plan.meta or {}).get("scheduler")
+    schedule = ReusePayload.from_meta(plan.meta or {}).schedule
+    searched = schedule.reference_scheduler if schedule is not None else (plan.meta or {}).get("scheduler")
     if searched and name != searched:
         given = name or type(sched).__name__
         raise PlanError(f"plan was searched on the {searched} sampler but the pipeline's scheduler is {given}: "
                         f"set pipe.scheduler to the {searched} scheduler or search a plan for {given}")
+    if schedule is not None:
+        if sched is None:
+            raise PlanError(f"{type(pipe).__name__} has no scheduler to run the plan's solver schedule with")
+        return SchedulePlanHandle(pipe, plan)
     if sched is None:
         return install_plan(denoiser, plan, resample=resample)
     return install_plan(denoiser, plan, scheduler=sched, resample=resample)
@@ -367,8 +410,16 @@ class ReuseSubNet:
         return install_plan(self.model, self.plan, self.plan.num_steps, self.scheduler)
 
     def sample(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        """Final samples ``(B, C, H, W)`` from ``batch["noise"]`` with the plan installed."""
+        """Final samples ``(B, C, H, W)`` from ``batch["noise"]`` with the plan installed (a
+        solver-schedule plan: the plain model, sampled at the plan's timesteps)."""
         null_class = self.null_class if self.null_class is not None else null_class_for(self.model)
+        schedule = self.plan.payload.schedule
+        if schedule is not None:
+            scheduler = make_scheduler(schedule.scheduler, self.scheduler_config)
+            with torch.no_grad():
+                final, _ = sample(make_model_fn(self.model), scheduler, batch, len(schedule.timesteps),
+                                  self.guidance_scale, null_class=null_class, timesteps=schedule.timesteps)
+            return final
         scheduler = make_scheduler(self.scheduler, self.scheduler_config)
         with self.install(), torch.no_grad():
             final, _ = sample(make_model_fn(self.model), scheduler, batch, self.plan.num_steps,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig
 
-from dipgo.errors import ConfigError
+from dipgo.errors import ConfigError, PlanError
 from dipgo.measure.latency import compare_latency, speedup
 from dipgo.measure.machine import machine_record
 from dipgo.postprocess.plan import Plan
@@ -86,6 +86,27 @@ def _plan_runner(run: Callable[..., torch.Tensor], model: torch.nn.Module, plan:
             return run(batch, steps)
 
     return planned
+
+
+def _dipgo_runner(run: Callable[..., torch.Tensor], loaded: LoadedModel, plan: Plan, cfg: DictConfig,
+                  steps: int) -> Callable:
+    """``batch -> samples`` of the plan as an exported SubNet runs it: hooks for a grid plan, the
+    solver at the learned timesteps for a solver-schedule plan (:meth:`ReuseSubNet.sample`)."""
+    if plan.payload.schedule is None:
+        return _plan_runner(run, loaded.model, plan, steps)
+    from dipgo.postprocess.reuse_subnet import ReuseSubNet
+
+    sched_cfg = dict(loaded.scheduler.config) if getattr(loaded, "scheduler", None) is not None else None
+    subnet = ReuseSubNet(model=loaded.model, plan=plan, scheduler=cfg.supernet.scheduler, scheduler_config=sched_cfg,
+                         guidance_scale=cfg.supernet.guidance_scale)
+    return subnet.sample
+
+
+def _dipgo_label(plan: Plan) -> str:
+    schedule = plan.payload.schedule
+    if schedule is None:
+        return "dipgo"
+    return f"dipgo ({len(schedule.timesteps)}-step {schedule.scheduler}, learned timesteps)"
 
 
 def _cache_runner(run: Callable[..., torch.Tensor], model: torch.nn.Module, name: str, steps: int,
@@ -164,21 +185,27 @@ def build_variants(
         diffusers_cache_reason,
         measure_cache_variant,
     )
+    from dipgo.postprocess.reuse_plan import grid_plan
 
-    model, steps = loaded.model, int(plan.num_steps)
+    forecast = grid_plan(plan)  # the plan itself, or the forecast plan a solver schedule beat
+    model, steps = loaded.model, int(forecast.num_steps)
     names = list(cfg.report.baselines)
     plans, skipped = baseline_plans(supernet, plan.cost_ratio, [n for n in names if n in PLAN_BASELINES],
                                     calib_batch=calib, seed=cfg.report.eval_seed)
     supernet.remove()
     variants = [
         Variant("full", "full", 1.0, lambda b: run(b, steps)),
-        Variant("dipgo", "dipgo", plan.cost_ratio, _plan_runner(run, model, plan, steps)),
+        Variant("dipgo", _dipgo_label(plan), plan.cost_ratio, _dipgo_runner(run, loaded, plan, cfg, steps),
+                {"solver_schedule": plan.payload.schedule.to_meta()} if plan.payload.schedule else {}),
     ]
-    pruner = _pruner_plan(plan)
-    if pruner is not None and pruner.compute != plan.compute:
+    if forecast is not plan:
+        variants.append(Variant("dipgo_forecast", "dipgo, forecast plan", forecast.cost_ratio,
+                                _plan_runner(run, model, forecast, steps)))
+    pruner = _pruner_plan(forecast)
+    if pruner is not None and pruner.compute != forecast.compute:
         variants.append(Variant("dipgo_pruner", "dipgo, pruner only", pruner.cost_ratio,
                                 _plan_runner(run, model, pruner, steps)))
-    placed = _placement_plan(plan, supernet)
+    placed = _placement_plan(forecast, supernet)
     if placed is not None:
         variants.append(Variant("dipgo_placement", "dipgo, learned placement", placed.cost_ratio,
                                 _plan_runner(run, model, placed, steps)))
@@ -197,7 +224,6 @@ def build_variants(
             variants.append(Variant(name, f"{k}-step {solver}", k / steps,
                                     lambda b, k=k, other=other: other(b, k), {"num_steps": k, "scheduler": solver}))
         elif name == "teacache":
-            from dipgo.errors import PlanError
 
             try:
                 variants.append(_teacache_variant(model, supernet, plan, run, calib, steps))
@@ -325,13 +351,18 @@ def evaluate_reuse(
     calib = eval_items(loaded, cfg, min(8, cfg.report.num_samples), cfg.report.eval_seed + 7, split="calibration")
     calib.pop("prompts", None)
     calib = _batch(calib, device)
-    # the SubNet (hooks on the plain model) must reproduce the SuperNet's hard-gated trajectory
-    grid = torch.tensor(plan.compute, dtype=torch.bool)
+    # the SubNet (hooks on the plain model) must reproduce the SuperNet's hard-gated trajectory;
+    # for a solver schedule, that of the forecast plan it beat (shown as "dipgo, forecast plan")
+    from dipgo.postprocess.reuse_plan import grid_plan
+
+    forecast = grid_plan(plan)
+    steps = int(forecast.num_steps)
+    grid = torch.tensor(forecast.compute, dtype=torch.bool)
     with torch.no_grad():
         supernet_hard = supernet.sample(batch, grid)
     variants, skipped = build_variants(loaded, supernet, plan, cfg, run, calib, calib)
     samples = {v.name: v.run(batch).cpu() for v in variants}
-    consistency = float((supernet_hard.cpu() - samples["dipgo"]).abs().max())
+    consistency = float((supernet_hard.cpu() - samples["dipgo" if forecast is plan else "dipgo_forecast"]).abs().max())
 
     judge = _digits_judge(loaded, cfg.report.get("fd_judge", "auto"))
     labels = batch["class_labels"].cpu() if "class_labels" in batch else None
@@ -369,8 +400,9 @@ def evaluate_reuse(
         "kind": "reuse",
         "model": type(model).__name__,
         "source": getattr(loaded, "source", cfg.model.name),
-        "num_steps": int(plan.num_steps),
+        "num_steps": steps,
         "scheduler": cfg.supernet.scheduler,
+        "solver_schedule": plan.payload.schedule.to_meta() if plan.payload.schedule else None,
         "guidance_scale": cfg.supernet.guidance_scale,
         "target": cfg.search.target,
         "macs": {"full_per_sample": supernet.full_cost(), "plan_ratio": plan.cost_ratio},
@@ -385,16 +417,19 @@ def evaluate_reuse(
         "num_eval_samples": cfg.report.num_samples,
         "fd_feature_dim": int(judge[1].shape[1]) if judge else None,
         "subnet_vs_supernet_max_abs_diff": consistency,
-        "closed_slots": plan.num_closed,
+        "closed_slots": forecast.num_closed if forecast is plan else 0,
         "forecast_order": plan.payload.forecast_order,
-        "peak_cache_bytes": _peak_cache_bytes(model, plan, run, map_tensors(lambda t: t[:1], batch), steps=int(plan.num_steps)),
+        # a solver schedule caches nothing: every call is the whole model
+        "peak_cache_bytes": 0 if forecast is not plan else _peak_cache_bytes(
+            model, plan, run, map_tensors(lambda t: t[:1], batch), steps=steps),
     }
     report["verdict"] = verdict(report)
     report["pruner_verdict"] = pruner_verdict(report)
     if eval_prompts is not None:
         report["eval_prompts"] = sorted(set(eval_prompts))  # held out from the calibration pool
     labels_by_name = {v.name: v.label for v in variants}
-    plots = _plots(_viewable(compared, space), labels_by_name, plan, supernet, run_dir) if cfg.report.plots else {}
+    heading = "dipgo plan" if forecast is plan else "forecast plan (the learned solver schedule beat it)"
+    plots = _plots(_viewable(compared, space), labels_by_name, forecast, supernet, run_dir, heading) if cfg.report.plots else {}
     if cfg.report.plots:
         from dipgo.report.plots import macs_pareto_plot
 
@@ -457,7 +492,7 @@ def verdict(report: dict[str, Any], mac_slack: float = 1.05) -> dict[str, Any]:
     return out
 
 
-DIPGO_VARIANTS = ("full", "dipgo", "dipgo_pruner", "dipgo_placement")
+DIPGO_VARIANTS = ("full", "dipgo", "dipgo_forecast", "dipgo_pruner", "dipgo_placement")
 """The full model and dipgo's own plans: never a baseline."""
 STATIC_SCHEDULES = ("deepcache", "uniform", "static_per_block", "taylorseer1", "taylorseer2")
 """Baselines whose plan is a fixed schedule (no search, no run-time decision): the bar for the
@@ -493,14 +528,15 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _plots(samples: dict[str, torch.Tensor], labels: dict[str, str], plan: Plan, supernet: ReuseSuperNet, run_dir: Path) -> dict[str, Path]:
+def _plots(samples: dict[str, torch.Tensor], labels: dict[str, str], plan: Plan, supernet: ReuseSuperNet, run_dir: Path,
+           heading: str = "dipgo plan") -> dict[str, Path]:
     from dipgo.report.plots import cost_bars, gate_heatmap, loss_curves, sample_grid
 
     plots_dir = run_dir / "plots"
     out: dict[str, Path] = {}
     grid = torch.tensor(plan.compute, dtype=torch.float32)
     out["gate_heatmap"] = gate_heatmap(grid, plan.blocks, plots_dir / "gate_heatmap.png",
-                                       title=f"dipgo plan: {plan.cost_ratio:.1%} of MACs (blue = computed)")
+                                       title=f"{heading}: {plan.cost_ratio:.1%} of MACs (blue = computed)")
     probs = plan.meta.get("keep_probs")
     if probs is not None:
         out["keep_probs"] = gate_heatmap(torch.tensor(probs), plan.blocks, plots_dir / "keep_probs.png",
@@ -598,10 +634,14 @@ def bench_plan(cfg: DictConfig, plan: Plan, *, runs: int, warmup: int, batch: in
     b.pop("prompts", None)
     sched_cfg = dict(loaded.scheduler.config) if loaded.scheduler is not None else None
     run = _sampler(loaded.model, cfg, sched_cfg)
-    steps = int(plan.num_steps)
-    planned = _plan_runner(run, loaded.model, plan, steps)
+    schedule = plan.payload.schedule
+    steps = schedule.reference_steps if schedule is not None else int(plan.num_steps)
+    planned = _dipgo_runner(run, loaded, plan, cfg, steps)
     fns = {"full": lambda: run(b, steps), "dipgo": lambda: planned(b)}
     compiled: dict[str, Any] = {}
+    if compile and schedule is not None:
+        raise PlanError("--compile times a grid plan's hooks under torch.compile; a solver-schedule plan has none "
+                        "(its speedup is its call count): run dipgo bench without --compile")
     if compile:
         compiled, extra_fns = _bench_compiled(loaded.model, cfg, sched_cfg, plan, b, steps)
         fns.update(extra_fns)

@@ -113,7 +113,9 @@ def main() -> None:
     from dipgo.report import reuse_eval
 
     cfg = OmegaConf.load(args.run_dir / "config.yaml")
-    plan = Plan.load(args.run_dir / "plan.json")
+    from dipgo.postprocess.reuse_plan import grid_plan
+
+    plan = grid_plan(Plan.load(args.run_dir / "plan.json"))  # a solver schedule: the forecast plan it beat
     refined = whole_steps(plan.compute)
     if plan.kind != "reuse" or refined is None:
         raise SystemExit(f"{args.run_dir}: the plan is not a whole-step reuse plan (some step computes only part "

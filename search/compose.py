@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dipgo.errors import ConfigError
 from dipgo.errors import one_of as _one_of
-from dipgo.postprocess.plan import FORECAST_ORDERS
+from dipgo.postprocess.plan import FORECAST_ORDERS, SCHEDULE_SOLVERS
 from dipgo.search.config import Config, register_configs
 
 CONFIG_MODULE = "dipgo.configs"
@@ -92,6 +92,10 @@ def validate_config(cfg: DictConfig) -> None:
     if cfg.search.placement.enabled and cfg.supernet.kind != "reuse":
         raise ConfigError(f"search.placement learns where a reuse plan's full steps go; "
                           f"supernet.kind={cfg.supernet.kind} has no steps (use supernet.kind=reuse or leave it off)")
+    if cfg.search.schedule.enabled and cfg.supernet.kind != "reuse":
+        raise ConfigError(f"search.schedule learns a diffusion sampler's timesteps; supernet.kind={cfg.supernet.kind} "
+                          "has no sampler (use supernet.kind=reuse or leave it off)")
+    _one_of("search.schedule.solver", cfg.search.schedule.solver, SCHEDULE_SOLVERS)
     get_task(cfg.supernet.kind, cfg).validate(cfg)  # what only this kind needs
     _one_of("logger.wandb_mode", cfg.logger.wandb_mode, ("auto", "offline", "online", "disabled"))
     _one_of("search.cost.mode", cfg.search.cost.mode, ("two_sided", "hinge"))

@@ -21,6 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from dipgo.losses.config import CostConfig, DistortionConfig
+from dipgo.postprocess.plan import SCHEDULE_SOLVERS
 from dipgo.postprocess.settings import RefineConfig, SDSConfig
 
 SCHEMA_NAME = "dipgo_schema"
@@ -198,6 +199,28 @@ class PlacementConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """A learned solver schedule at the plan's MACs (``search.schedule``; reuse kind only):
+    :mod:`dipgo.search.reuse_schedule`. The plan that samples the calibration batch closer to the
+    full model wins: the forecast plan, or K full steps of ``solver`` at learned timesteps."""
+
+    enabled: bool = False
+    """Also learn a K-step solver schedule (K = the whole denoiser calls the budget pays for)."""
+    solver: str = "unipc"
+    """The multistep solver the schedule runs on (dpmsolver++ or unipc)."""
+    batch: int = 8
+    """Calibration items each schedule is run on (the first items of the pool)."""
+    moves: list[int] = field(default_factory=lambda: [64, 32, 16, 8, 4])
+    """Coordinate-descent step sizes, in training timesteps, largest first."""
+
+    def __post_init__(self) -> None:
+        if self.solver not in SCHEDULE_SOLVERS:
+            raise ValueError(f"search.schedule.solver must be one of {', '.join(SCHEDULE_SOLVERS)}; got {self.solver!r}")
+        if self.batch < 1 or not self.moves or any(int(m) < 1 for m in self.moves):
+            raise ValueError(f"search.schedule needs batch >= 1 and positive moves; got {self.batch}, {self.moves}")
+
+
+@dataclass
 class SearchConfig:
     target: float = 0.25  # fraction of MACs to keep, in (0, 1]; 0.25 asks for a 4x MACs reduction
     target_range: list[float] | None = None  # budget-conditioned pruner: train on budgets drawn from [low, high]
@@ -209,6 +232,7 @@ class SearchConfig:
     cost: CostConfig = field(default_factory=CostConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 

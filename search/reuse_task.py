@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from dipgo.models.configured import load_configured_model
 from dipgo.models.io import sample_spec, text_conditioned
 from dipgo.postprocess.plan import Plan
-from dipgo.search.config import PlacementConfig, config_of
+from dipgo.search.config import PlacementConfig, ScheduleConfig, config_of
 from dipgo.search.data import CalibrationDataModule, NoisePool, collate, map_tensors
 from dipgo.search.registry import register_task
 
@@ -168,6 +168,8 @@ class ReuseTask:
         plan = extract_reuse_plan(probs, supernet, cfg.search.target, meta=meta)
         if cfg.search.refine.enabled:
             plan = refine(plan, probs, supernet, cfg)
+        if cfg.search.schedule.enabled:
+            plan = schedule(plan, supernet, cfg)
         return plan
 
     def export(self, cfg: DictConfig, plan: Plan, out: Path) -> Path:
@@ -183,6 +185,20 @@ class ReuseTask:
             source=cfg.model.name,
         )
         return subnet.save(out)
+
+
+def schedule(plan: Plan, supernet: ReuseSuperNet, cfg: DictConfig) -> Plan:
+    """The plan, or a learned solver schedule at its MACs when that samples the calibration batch
+    closer to the full model (``search.schedule``, see :mod:`dipgo.search.reuse_schedule`)."""
+    from dipgo.search.reuse_schedule import search_schedule
+
+    config = config_of(ScheduleConfig, cfg.search.schedule)
+    pool = calibration_pool(supernet.model, cfg)
+    batch = collate([pool[i] for i in range(min(config.batch, len(pool)))])
+    batch.pop("index")
+    device = next(supernet.model.parameters()).device
+    return search_schedule(plan, supernet, map_tensors(lambda t: t.to(device), batch), config,
+                           log=lambda m: print(m, flush=True))
 
 
 def refine(plan: Plan, probs: torch.Tensor, supernet: ReuseSuperNet, cfg: DictConfig,

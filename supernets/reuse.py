@@ -720,6 +720,16 @@ class ReuseSuperNet:
             final, eps = self._sample(batch, None)
         return {"output": final, "eps": eps}
 
+    def sample_schedule(self, batch: Mapping[str, Any], solver: str, timesteps: Sequence[int]) -> torch.Tensor:
+        """The plain model sampled by ``solver`` at exactly ``timesteps`` (a solver schedule, one
+        full call each), with this SuperNet's guidance: the final sample ``(B, C, H, W)``."""
+        cfg = self.config
+        scheduler = make_scheduler(solver, cfg.scheduler_config, cfg.num_train_timesteps)
+        with torch.no_grad():
+            final, _ = sample(self._model_fn, scheduler, batch, len(timesteps), cfg.guidance_scale,
+                              null_class=self.null_class, timesteps=timesteps)
+        return final
+
     def gated(self, batch: Mapping[str, Any], gates: torch.Tensor) -> dict[str, torch.Tensor]:
         """Trajectory with soft keep probabilities ``(N,)``; differentiable in ``gates``."""
         rows = self.effective(self.gate_grid(gates))  # (S, B)

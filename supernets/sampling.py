@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,14 +43,22 @@ _SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
 }
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_SCHEDULERS)
 
+# Solvers that can run an arbitrary decreasing list of timesteps: they step between the sigmas of
+# consecutive entries (DDIM's step assumes evenly spaced timesteps, Euler's sigma grid is its own).
+SCHEDULE_SOLVERS: tuple[str, ...] = ("dpmsolver++", "unipc")
+
 # Conditioning keys of a batch that are passed to the denoiser (everything else is ignored).
 COND_KEYS: tuple[str, ...] = ("class_labels", "encoder_hidden_states", "added_cond_kwargs")
 
 
 def scheduler_name(scheduler: Any) -> str | None:
     """The short name of a diffusers scheduler instance (``ddim``, ``dpmsolver++``, ``unipc``,
-    ``euler``), or ``None`` for a class dipgo does not search with."""
-    return next((name for name, (cls, _) in _SCHEDULERS.items() if type(scheduler) is cls), None)
+    ``euler``), or ``None`` for a class dipgo does not search with. A :func:`pinned_scheduler` is
+    named after its solver."""
+    kind = type(scheduler)
+    if hasattr(kind, "pinned_timesteps"):  # a pinned_scheduler's class: the solver it subclasses
+        kind = kind.__mro__[1]
+    return next((name for name, (cls, _) in _SCHEDULERS.items() if kind is cls), None)
 
 
 def make_scheduler(name: str, base_config: Mapping[str, Any] | None = None, num_train_timesteps: int = 1000):
@@ -68,6 +76,76 @@ def make_scheduler(name: str, base_config: Mapping[str, Any] | None = None, num_
     if base_config is not None:
         return cls.from_config(dict(base_config), **overrides)
     return cls(num_train_timesteps=num_train_timesteps, **overrides)
+
+
+def check_timesteps(timesteps: Sequence[int], num_train_timesteps: int) -> list[int]:
+    """``timesteps`` as ints, refused (``ValueError``, one sentence) unless strictly decreasing in
+    ``[0, num_train_timesteps)``: a solver schedule runs from noise towards the data."""
+    ts = [int(t) for t in timesteps]
+    if not ts or any(a <= b for a, b in zip(ts, ts[1:])) or ts[0] >= num_train_timesteps or ts[-1] < 0:
+        raise ValueError(f"a solver schedule must be strictly decreasing timesteps in [0, {num_train_timesteps}), "
+                         f"got {ts}")
+    return ts
+
+
+def set_exact_timesteps(scheduler: Any, timesteps: Sequence[int]) -> None:
+    """Make a multistep solver (:data:`SCHEDULE_SOLVERS`) run exactly ``timesteps``.
+
+    Does what diffusers' ``DPMSolverMultistepScheduler.set_timesteps(timesteps=...)`` does (the
+    sigma of each timestep from the training ``alphas_cumprod``, then the final sigma the config
+    asks for), for UniPC too, whose ``set_timesteps`` has no such argument in the diffusers dipgo
+    pins. Karras / exponential / beta sigma spacings would rewrite the timesteps, so they are refused.
+    """
+    name = scheduler_name(scheduler)
+    if name not in SCHEDULE_SOLVERS:
+        raise ValueError(f"a solver schedule runs on {' or '.join(SCHEDULE_SOLVERS)}, not {name or type(scheduler).__name__}")
+    cfg = scheduler.config
+    spaced = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas",
+                          "use_lu_lambdas") if cfg.get(k)]
+    if spaced:
+        raise ValueError(f"a solver schedule sets its own timesteps; the scheduler config's {spaced[0]} would "
+                         "override them: turn it off")
+    ts = check_timesteps(timesteps, cfg.num_train_timesteps)
+    scheduler.set_timesteps(len(ts))
+    _install_timesteps(scheduler, ts)
+
+
+def _install_timesteps(scheduler: Any, timesteps: list[int]) -> None:
+    """Overwrite the timesteps and sigmas ``set_timesteps(len(timesteps))`` just computed."""
+    alphas = scheduler.alphas_cumprod.to(torch.float32)  # float32, as diffusers computes them
+    all_sigmas = ((1 - alphas) / alphas) ** 0.5  # (num_train_timesteps,)
+    sigmas = all_sigmas[torch.tensor(timesteps)]
+    zero = scheduler.config.final_sigmas_type == "zero"
+    last = torch.zeros(1) if zero else all_sigmas[:1]
+    scheduler.sigmas = torch.cat([sigmas, last]).to(torch.float32)
+    scheduler.timesteps = torch.tensor(timesteps, dtype=torch.int64)
+    scheduler.num_inference_steps = len(timesteps)
+
+
+def pinned_scheduler(name: str, timesteps: Sequence[int], base_config: Mapping[str, Any] | None = None,
+                     accept_steps: Sequence[int] = ()) -> Any:
+    """A solver whose ``set_timesteps`` always installs ``timesteps`` (for diffusers pipelines,
+    which call ``scheduler.set_timesteps(num_inference_steps)`` themselves).
+
+    ``num_inference_steps`` must be ``len(timesteps)`` or one of ``accept_steps`` (the reference's
+    step count a plan was searched against); anything else is refused in one sentence, so a
+    pipeline asked for another step count never silently runs the pinned schedule.
+    """
+    ts = list(timesteps)
+    base = make_scheduler(name, base_config)
+    allowed = sorted({len(ts), *accept_steps})
+    cls = type(base)
+
+    def set_timesteps(self: Any, num_inference_steps: int | None = None, device: Any = None, **kwargs: Any) -> None:
+        if num_inference_steps is not None and num_inference_steps not in allowed:
+            raise ValueError(f"this scheduler runs a pinned {len(ts)}-step schedule searched for "
+                             f"{' or '.join(map(str, allowed))} steps, but {num_inference_steps} steps were asked")
+        cls.set_timesteps(self, len(ts), device=device)
+        _install_timesteps(self, ts)
+
+    set_exact_timesteps(base, ts)  # refuses other solvers, bad timesteps and sigma spacings up front
+    pinned = type(f"Pinned{cls.__name__}", (cls,), {"set_timesteps": set_timesteps, "pinned_timesteps": tuple(ts)})
+    return pinned.from_config(base.config)
 
 
 def make_model_fn(model: nn.Module) -> ModelFn:
@@ -206,6 +284,7 @@ def sample(
     truncate_steps: int | None = None,
     resume: LoopState | None = None,
     on_state: Callable[[LoopState], None] | None = None,
+    timesteps: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the whole trajectory from ``batch["noise"]``; returns ``(final, eps_stack)``.
 
@@ -220,11 +299,19 @@ def sample(
     ``on_step``); ``resume=state`` continues a run of the same batch from that step instead of
     from the noise, with a copy of the state's scheduler (``scheduler`` is then not used). Runs
     that share their first k steps (a plan search that changes one late slot) need not redo them.
+
+    ``timesteps`` runs exactly those timesteps (a solver schedule, :func:`set_exact_timesteps`;
+    ``num_steps`` must be their count) instead of the scheduler's own spacing.
     """
     noise = batch["noise"]  # (B, C, H, W)
     copies, cond = model_inputs(batch, guidance_scale, null_class, negative)
+    if timesteps is not None and len(timesteps) != num_steps:
+        raise ValueError(f"num_steps={num_steps} but the solver schedule has {len(timesteps)} timesteps")
     if resume is None:
-        scheduler.set_timesteps(num_steps, device=noise.device)
+        if timesteps is None:
+            scheduler.set_timesteps(num_steps, device=noise.device)
+        else:
+            set_exact_timesteps(scheduler, timesteps)
         x, eps_list, first = noise * scheduler.init_noise_sigma, [], 0
     else:
         scheduler = copy.deepcopy(resume.scheduler)  # the stored state stays reusable

@@ -53,6 +53,16 @@ def test_unet_reuse_recipes_learn_the_placement_and_keep_their_gate_steps() -> N
     assert (dpm.supernet.scheduler, dpm.supernet.num_steps) == ("dpmsolver++", 25)
 
 
+def test_dpm25_recipes_also_learn_a_solver_schedule_and_ddim50_recipes_do_not() -> None:
+    """The learned UniPC schedule is measured on the DPM-Solver++-25 references (docs/RESULTS.md);
+    the DDIM-50 recipes keep their forecast plans and their 5-minute search."""
+    for model in ("unet", "dit"):
+        dpm, _ = compose_config([f"recipe=digits_{model}_reuse_dpm25"])
+        ddim, _ = compose_config([f"recipe=digits_{model}_reuse"])
+        assert dpm.search.schedule.enabled and not ddim.search.schedule.enabled
+        assert (dpm.search.schedule.solver, dpm.search.schedule.batch) == ("unipc", 8)
+
+
 def test_override_is_typed() -> None:
     cfg, _ = compose_config(["search.target=0.3", "trainer.max_steps=7"])
     assert cfg.search.target == pytest.approx(0.3)
