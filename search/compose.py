@@ -96,6 +96,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"search.schedule learns a diffusion sampler's timesteps; supernet.kind={cfg.supernet.kind} "
                           "has no sampler (use supernet.kind=reuse or leave it off)")
     _one_of("search.schedule.solver", cfg.search.schedule.solver, SCHEDULE_SOLVERS)
+    _check_groups(cfg)
     get_task(cfg.supernet.kind, cfg).validate(cfg)  # what only this kind needs
     _one_of("logger.wandb_mode", cfg.logger.wandb_mode, ("auto", "offline", "online", "disabled"))
     _one_of("search.cost.mode", cfg.search.cost.mode, ("two_sided", "hinge"))
@@ -114,6 +115,26 @@ def validate_config(cfg: DictConfig) -> None:
     ):
         if value < low:
             raise ConfigError(f"{key} must be at least {low}; got {value}")
+
+
+def _check_groups(cfg: DictConfig) -> None:
+    """Build every group whose dataclass checks its values (``__post_init__``) now, so a bad value
+    is refused in one sentence before anything is written, not when the search reaches it."""
+    from dipgo.losses.config import CostConfig, DistortionConfig
+    from dipgo.postprocess.settings import RefineConfig, SDSConfig
+    from dipgo.search.config import PlacementConfig, PrunerConfig, ScheduleConfig, config_of
+
+    groups = (("search.pruner", PrunerConfig), ("search.distortion", DistortionConfig), ("search.cost", CostConfig),
+              ("search.refine", RefineConfig), ("search.placement", PlacementConfig),
+              ("search.schedule", ScheduleConfig), ("supernet.sds", SDSConfig))
+    for key, cls in groups:
+        node = OmegaConf.select(cfg, key)
+        if node is None:
+            continue
+        try:
+            config_of(cls, node)
+        except ValueError as exc:
+            raise ConfigError(_first_line(str(exc))) from None
 
 
 def check_plain_name(key: str, value: object) -> None:

@@ -95,13 +95,18 @@ def test_calls_in_budget_never_exceed_the_target() -> None:
     assert all(calls_in_budget(t, s) / s <= t + 1e-12 for t in (0.2, 0.25, 0.35) for s in (20, 25, 50))
 
 
-def test_schedule_config_refuses_other_solvers(tiny_unet_dir: Path, tmp_path: Path) -> None:
+def test_schedule_config_refuses_other_solvers_and_bad_ranges_before_anything_is_written(tiny_unet_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="search.schedule.solver must be one of dpmsolver\\+\\+, unipc; got 'ddim'"):
         ScheduleConfig(solver="ddim")
     bad = tiny_search_overrides(tiny_unet_dir, tmp_path / "runs", **{"search.schedule.enabled": True,
                                                                       "search.schedule.solver": "euler"})
     with pytest.raises(ConfigError, match="search.schedule.solver"):
         compose_config(bad)
+    # a group's own range checks run when the config is composed, not when the search reaches them
+    for override, message in (("search.schedule.batch=0", "^search.schedule needs batch >= 1 and positive moves"),
+                              ("search.placement.batch=0", "^search.placement needs iterations >= 0")):
+        with pytest.raises(ConfigError, match=message):
+            compose_config(tiny_search_overrides(tiny_unet_dir, tmp_path / "runs") + [override])
     assert not (tmp_path / "runs").exists()
 
 
