@@ -27,10 +27,11 @@
 //    x slices are packed contiguously per tile first (3072->768: +10-20 %);
 //  - a y too large to stay cached (the caller decides) is written with streaming stores, which skip
 //    the read-for-ownership of every line (768->3072 at 2048 tokens, 90 %: 7.5 -> 5.5 ms);
-//  - on the AVX2 build, sparse weights over many row chunks copy each chunk of x once into a
-//    [block column][row][bk] buffer and run all block rows from it, while the next chunk is
-//    prefetched: x is then read front to back instead of in scattered 128-byte slices, each a cache
-//    miss the first time (3072->768 at 2048 tokens, 90 %: +23 %; see pack_chunks).
+//  - sparse weights over many row chunks copy each chunk of x once into a [block column][row][bk]
+//    buffer and run all block rows from it, while the next chunk is prefetched: x is then read
+//    front to back instead of in scattered 128-byte slices, each a cache miss the first time
+//    (3072->768 at 2048 tokens, 90 %: +23 % on the AVX2 build, +36 % on the AVX-512 one; see
+//    pack_chunks).
 //
 // The ISA is the compiler's target (-march=x86-64-v4 / -v3, chosen by dipgo/kernels/native.py from
 // the CPU or DIPGO_KERNEL_ISA); dipgo_bsl_isa() reports what was really compiled, so a compiler that
@@ -264,16 +265,18 @@ static void pack_chunk(const float* x, int64_t ldx, int64_t rows, int64_t K, int
   }
 }
 
-// Whether to pack whole row chunks (the loop in dipgo_bsl_forward). Measured on the AVX2 build
-// (Zen 3, 2 threads, A/B of both loops in one process, docs/RESULTS.md): at 2048 tokens 3072->768
+// Whether to pack whole row chunks (the loop in dipgo_bsl_forward). Measured with A/B of both
+// loops in one process, 2 threads (docs/RESULTS.md). AVX2 build (Zen 3): at 2048 tokens 3072->768
 // +23 % at 90 % block sparsity and +4 % at 70 %, 768->3072 +11 % / +7 %, 1536->384 at 4096 tokens
-// +29 % / +14 %; at 512 tokens (x mostly cached) +-3 %. At 50 % the copy does not pay (0.97-0.99x,
-// most of x is read anyway), and with few chunks per thread neither does it (x fits the caches):
-// chunks >= 8 per thread means x is over about 12 L2s. The AVX-512 build keeps the per-item loop
-// until this is measured on an AVX-512 machine.
-static bool pack_chunks(int64_t nnz, int64_t block_rows, int64_t block_cols, int64_t chunks, int threads,
-                        bool tile_pack) {
-  if (DIPGO_ISA != 1 || tile_pack) return false;
+// +29 % / +14 %; at 512 tokens (x mostly cached) +-3 %. AVX-512 build (Zen 4): 3072->768 at 2048
+// tokens +17 / +14 / +36 % at 60 / 70 / 90 %, at 1024 tokens +35 % at 90 %, 1536->384 at 4096
+// tokens +16 % at 90 %. At 50 % the copy does not pay (0.97-0.99x, most of x is read anyway), and
+// with few chunks per thread neither does it (x fits the caches): chunks >= 8 per thread means x
+// is over about 12 L2s. A packed chunk's rows are bk floats apart, so the tile packing that
+// aliasing rows need (rows_alias) is never wanted on this loop. The portable build keeps the
+// per-item loop (never measured).
+static bool pack_chunks(int64_t nnz, int64_t block_rows, int64_t block_cols, int64_t chunks, int threads) {
+  if (DIPGO_ISA == 0) return false;
   const bool sparse = 20 * nnz <= 9 * block_rows * block_cols;  // density <= 45 %
   return sparse && chunks >= 8 * (int64_t)threads;
 }
@@ -300,10 +303,10 @@ int dipgo_bsl_tile_rows(int bn) { return bn == 16 ? Tile<16>::MR : bn == 32 ? Ti
 int dipgo_bsl_packs_chunks(int64_t T, int64_t K, int64_t ldx, int64_t nnz, int64_t N, int64_t bn, int64_t bk,
                            int64_t row_chunk, int num_threads) {
   if ((bn != 16 && bn != 32 && bn != 64) || T <= 0 || N <= 0) return 0;
+  (void)ldx;  // kept in the ABI: an earlier rule also looked at how x's rows alias
   const int64_t block_rows = N / bn, chunks = (T + row_chunk - 1) / row_chunk;
-  const int mr = bn == 16 ? Tile<16>::MR : bn == 32 ? Tile<32>::MR : Tile<64>::MR;
   const int threads = call_threads(T, nnz, bk, bn, block_rows * chunks, num_threads);
-  return pack_chunks(nnz, block_rows, K / bk, chunks, threads, rows_alias(ldx, mr));
+  return pack_chunks(nnz, block_rows, K / bk, chunks, threads);
 }
 
 // y[T, N] = act(x[T, K] @ W^T + bias). x rows are ldx floats apart, y rows ldy floats apart.
@@ -336,7 +339,7 @@ int dipgo_bsl_forward(const float* x, int64_t T, int64_t K, int64_t ldx, const f
 #else
   stream = 0;
 #endif
-  if (pack_chunks(nnz, block_rows, block_cols, chunks, threads, pack)) {
+  if (pack_chunks(nnz, block_rows, block_cols, chunks, threads)) {
     // Each thread takes one contiguous run of rows (a multiple of the tile height, so the runs
     // differ by under one tile: dealing whole chunks instead left one thread a chunk more, 6-12 %
     // at 17-35 chunks), walks it chunk by chunk from a packed copy of the chunk's rows of x, and
