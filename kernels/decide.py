@@ -127,7 +127,8 @@ def time_layer(weight: BlockSparseWeight, bias: torch.Tensor | None, tokens: int
     dense_w = weight.to_dense().float()
     b = None if bias is None else bias.detach().float()
     layer = BlockSparseLinear(weight.to(torch.float32), b, activation)
-    fns: dict[str, Callable[[], Any]] = {"kernel": lambda: layer(x)}
+    # layer.forward, not layer(...): the dense paths are plain calls (see dipgo.kernels.bench)
+    fns: dict[str, Callable[[], Any]] = {"kernel": lambda: layer.forward(x)}
     fns.update({name: (lambda f=f: activate(f(), activation)) for name, f in dense_paths(x, dense_w, b).items()})
     with torch.inference_mode():
         return timer(fns)

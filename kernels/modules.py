@@ -26,7 +26,7 @@ from dipgo.kernels.layout import (
     load_safetensors,
     save_safetensors,
 )
-from dipgo.kernels.ops import block_sparse_linear, eager_native_linear
+from dipgo.kernels.ops import block_sparse_linear, eager_fast_path_ok, prepare_eager_call
 
 _BUFFERS = ("values", "col_indices", "row_ptr")
 
@@ -138,13 +138,25 @@ class BlockSparseLinear(nn.Module):
     # --- forward ----------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        if x.shape[-1] == self.in_features:  # the buffers were validated when built or loaded
-            b = self._buffers  # plain dict reads: nn.Module attribute lookups cost ~2 us each, per call
-            y = eager_native_linear(x, b["values"], b["col_indices"], b["row_ptr"], b["bias"], self.activation,
-                                    self.out_features)
-            if y is not None:
-                return y
+        if x.shape[-1] == self.in_features and eager_fast_path_ok(x):
+            # The buffers were validated when built or loaded; the kernel call is prepared once per
+            # buffer set (and after native.reset()). Plain dict reads: nn.Module attribute lookups
+            # cost ~2 us each, per call.
+            b, state = self._buffers, self.__dict__
+            values, cols, row_ptr, bias = b["values"], b["col_indices"], b["row_ptr"], b["bias"]
+            call = state.get("_eager_call")
+            if call is None or not call.current(values, cols, row_ptr, bias):
+                call = prepare_eager_call(values, cols, row_ptr, bias, self.in_features, self.out_features,
+                                          self.activation)
+                state["_eager_call"] = call  # None: this buffer set takes the op (checked again next call)
+            if call is not None:
+                return call(x)
         return block_sparse_linear(x, self.values, self.col_indices, self.row_ptr, self.bias, self.activation)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the prepared call holds ctypes handles: never pickled or deep-copied (it is rebuilt on use)
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {k: v for k, v in state.items() if k != "_eager_call"}
 
     def extra_repr(self) -> str:
         bn, bk = self.block

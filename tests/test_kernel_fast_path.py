@@ -228,3 +228,66 @@ def test_decision_times_the_fused_kernel_against_dense_plus_activation(kernel, t
     # another activation is another cache entry, not a reuse of the GELU timing
     other = decide_layer(layer.weight, layer.bias, 64, timer=lambda fns: {n: 1.0 for n in fns}, activation="none")
     assert not other.cached and not other.kernel
+
+
+def test_prepared_call_follows_swapped_and_reloaded_buffers(kernel):
+    """The layer prepares its kernel call once per buffer set: replacing a buffer, loading a state
+    dict with another block count, or copying new values in place must all be seen (no stale
+    pointers), and the prepared call is rebuilt after native.reset() and never copied."""
+    layer = _layer("relu")
+    x = torch.randn(3, 5, 64)
+
+    def op(m: BlockSparseLinear) -> torch.Tensor:
+        return block_sparse_linear(x, m.values, m.col_indices, m.row_ptr, m.bias, m.activation)
+
+    with torch.inference_mode():
+        assert torch.equal(layer(x), op(layer))
+        first = layer.__dict__["_eager_call"]
+        assert layer(x) is not None and layer.__dict__["_eager_call"] is first  # reused while current
+        _, other = random_block_sparse(96, 64, 0.75, (32, 32), seed=9)
+        layer.load_state_dict({"values": other.values, "col_indices": other.col_indices,
+                               "row_ptr": other.row_ptr, "bias": torch.randn(96)})
+        assert layer.values.shape[0] == other.values.shape[0] != first.tensors[0].shape[0]
+        assert torch.equal(layer(x), op(layer))
+        layer.values.mul_(2.0)  # in place: same storage, new numbers
+        assert torch.equal(layer(x), op(layer))
+        layer.bias = None
+        assert torch.equal(layer(x), op(layer))
+        native.reset()
+        try:
+            y = layer(x)
+            assert layer.__dict__["_eager_call"].generation == native._generation
+            assert torch.equal(y, op(layer))
+        finally:
+            native.reset()
+    clone = copy.deepcopy(layer)
+    assert "_eager_call" not in clone.__dict__
+    with torch.inference_mode():
+        assert torch.equal(clone(x), layer(x))
+
+
+def test_prepared_call_takes_strided_inputs(kernel):
+    layer = _layer("gelu")
+    base = torch.randn(6, 2, 130)
+    for x in (base[:, 0, 1:65], base[..., ::2][..., :64], torch.randn(64, 11).t(), torch.randn(0, 64),
+              torch.randn(4, 1, 64).expand(4, 3, 64)):
+        with torch.inference_mode():
+            y = layer(x)
+            ref = block_sparse_linear(x, layer.values, layer.col_indices, layer.row_ptr, layer.bias, "gelu")
+        assert y.shape == (*x.shape[:-1], 96) and torch.equal(y, ref)
+
+
+def test_fast_path_is_off_when_the_kernel_is_disabled_after_a_reset(kernel, monkeypatch):
+    layer = _layer("none")
+    x = torch.randn(4, 64)
+    with torch.inference_mode():
+        ref = layer(x)
+        monkeypatch.setenv("DIPGO_NATIVE_KERNELS", "0")
+        native.reset()
+        try:
+            y = layer(x)  # the op's PyTorch path now
+            assert layer.__dict__["_eager_call"] is None
+        finally:
+            monkeypatch.delenv("DIPGO_NATIVE_KERNELS")
+            native.reset()
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
