@@ -609,6 +609,21 @@ def test_avx2_build_has_no_avx512_instructions(tmp_path):
     assert "vfmadd231ps" in asm and "%ymm" in asm and "%zmm" not in asm
 
 
+def test_prefetchw_only_where_the_cpu_has_it(tmp_path, monkeypatch):
+    """The output-line prefetch asks for write intent (PREFETCHW) only on CPUs that list it."""
+    cxx, objdump = native._compiler(), shutil.which("objdump")
+    if cxx is None or objdump is None or not native.cpu_can_run("avx2"):
+        pytest.skip("needs a C++ compiler, objdump and an AVX2 CPU")
+    flags = native.cpu_flags()
+    for has in (True, False):
+        fake = flags | {native.PREFETCHW_FLAG} if has else flags - {native.PREFETCHW_FLAG}
+        monkeypatch.setattr(native, "cpu_flags", lambda fake=fake: fake)
+        assert ("-mprfchw" in native.isa_flags("avx2")) == has and "-mprfchw" not in native.isa_flags("portable")
+        path = native.build(cxx, tmp_path / str(has), "avx2")
+        asm = subprocess.run([objdump, "-d", str(path)], capture_output=True, text=True, check=True).stdout
+        assert ("prefetchw" in asm) == has
+
+
 def test_avx512_build_compiles_to_zmm_code_where_the_compiler_targets_it(tmp_path):
     """On an AVX2-only machine the AVX-512 build cannot run, but it can still be compiled and
     checked to be AVX-512 code (the tile shape it was written for)."""
