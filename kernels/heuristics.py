@@ -34,13 +34,13 @@ NATIVE_CALL_S = 14e-6
 """Fixed cost of one custom-op call into the native kernel (measured: 14-17 us at 1 token)."""
 NATIVE_EFFICIENCY_AVX512 = 2.0
 """Native kernel on a dense pattern vs MKL, AVX-512 CPU: measured 1.8-2.1x at 256-2048 tokens on the
-2026-11-22 host, 0.9-1.3x on the Zen 4 of 2026-12-06 (docs/results/kernels.json; oneDNN, the bar
-there, runs 15-25 % faster than MKL). Kept high on purpose: an optimistic guess only makes
+2026-11-22 host, 1.05-1.41x on the Zen 4 of 2026-12-06 (docs/results/kernels.json; oneDNN, the bar
+there, runs 10-25 % faster than MKL). Kept high on purpose: an optimistic guess only makes
 :mod:`dipgo.kernels.decide` time a layer it could have skipped, never ship one untimed."""
 NATIVE_EFFICIENCY_OTHER = 1.0
 """Without AVX-512: the AVX2 build (6x16 tiles) vs MKL. Measured on an AVX2-only AMD EPYC Zen 3
 on a dense pattern: 0.90-1.10x of MKL at 256-2048 tokens (docs/results/kernels_zen3_avx2.json);
-the forced AVX2 build on the AVX-512 Zen 4 ran at 0.93-1.48x of MKL (kernels_avx2.json). It only
+the forced AVX2 build on the AVX-512 Zen 4 ran at 0.99-1.14x of MKL (kernels_avx2.json). It only
 decides which layers are worth timing (:mod:`dipgo.kernels.decide` times the rest)."""
 BSR_EFFICIENCY = 0.3
 """torch's BSR matmul vs MKL dense on a dense pattern (measured 0.2-0.5x)."""
